@@ -1,0 +1,41 @@
+# FieldSync — everything a new machine needs goes through these targets.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test demo up bench lint typecheck clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## make test: the whole suite against a real embedded PostgreSQL and broker started by the session
+test: $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+## make demo: embedded services, sample CRM source, capture, and what landed on which topic
+demo: $(STAMP)
+	$(BIN)/fieldsync demo
+
+## make up: keep the embedded PostgreSQL and broker running for real use (Ctrl-C stops them)
+up: $(STAMP)
+	$(BIN)/fieldsync up
+
+## make bench: every benchmark; results in bench/results/
+bench: $(STAMP)
+	$(BIN)/python -m bench all
+
+lint: $(STAMP)
+	$(BIN)/ruff check engine gateway bench tests
+	$(BIN)/ruff format --check engine gateway bench tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .fieldsync .pytest_cache

@@ -1,0 +1,118 @@
+"""Settings, read once at start-up from ``FIELDSYNC_*`` environment variables and ``.env``.
+
+One frozen object is built by :func:`load_settings`; nothing else reads ``os.environ``.
+A bad value fails at boot with a message naming the setting (see :class:`ConfigError`).
+Left unset, the broker and staging settings mean "use the embedded runtime" (``fieldsync up``).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from engine.exceptions import ConfigError
+
+ENV_PREFIX = "FIELDSYNC_"
+
+
+class Settings(BaseSettings):
+    """Every tunable of a FieldSync process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", frozen=True
+    )
+
+    data_dir: Path = Field(
+        default=Path(".fieldsync"),
+        description="Embedded PostgreSQL data, runtime state, logs and snapshot files.",
+    )
+    bootstrap_servers: str | None = Field(
+        default=None,
+        description="Kafka bootstrap servers (host:port[,host:port]); unset = embedded broker.",
+    )
+    staging_dsn: SecretStr | None = Field(
+        default=None,
+        description="PostgreSQL DSN of the staging/control database; unset = embedded PostgreSQL.",
+    )
+    schema_registry_url: str | None = Field(
+        default=None,
+        description="Confluent-compatible schema registry; set = Confluent wire format, "
+        "unset = Avro single-object encoding with schemas on the schema topic.",
+    )
+    producer_idempotence: bool | None = Field(
+        default=None,
+        description="Idempotent producer; unset = on for an external broker, off for the "
+        "embedded one (it does not implement InitProducerId).",
+    )
+    producer_linger_ms: int = Field(default=5, ge=0, le=10_000)
+    producer_max_batch_bytes: int = Field(default=256 * 1024, ge=1024)
+    topic_partitions: int = Field(default=3, ge=1, le=1024)
+    topic_replication_factor: int = Field(default=1, ge=1, le=16)
+
+    embedded_pg_port: int = Field(default=54329, ge=1, le=65535)
+    embedded_broker_port: int = Field(default=19092, ge=1, le=65535)
+
+    capture_batch_changes: int = Field(
+        default=20_000, ge=1, description="Changes decoded per logical-decoding call."
+    )
+    capture_poll_interval_s: float = Field(default=0.2, gt=0, le=60)
+    capture_heartbeat_interval_s: float = Field(default=10.0, gt=0)
+    snapshot_chunk_rows: int = Field(default=5_000, ge=1)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("bootstrap_servers", "schema_registry_url")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_ports(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        for server in value.split(","):
+            host, sep, port = server.strip().rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"expected host:port[,host:port], got {server.strip()!r}")
+        return value
+
+    @property
+    def uses_embedded_broker(self) -> bool:
+        return self.bootstrap_servers is None
+
+    @property
+    def uses_embedded_postgres(self) -> bool:
+        return self.staging_dsn is None
+
+    @property
+    def effective_idempotence(self) -> bool:
+        if self.producer_idempotence is not None:
+            return self.producer_idempotence
+        return not self.uses_embedded_broker
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for problem in error.errors():
+        name = ENV_PREFIX + "_".join(str(p) for p in problem["loc"]).upper()
+        lines.append(f"{name}: {problem['msg']} (got {problem.get('input')!r})")
+    return "; ".join(lines)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings once; a bad value raises :class:`ConfigError` naming the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise ConfigError(f"invalid configuration: {_describe(error)}") from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (read on first use, then frozen)."""
+    return load_settings()

@@ -1,0 +1,1 @@
+"""The embedded runtime: a real PostgreSQL and a real Kafka-protocol broker on loopback."""
