@@ -155,11 +155,19 @@ class CaptureTask:
                     pass
 
     async def catch_up(self) -> CaptureStats:
-        """Stream until the source has nothing more to decode (demo, tests, benchmarks)."""
+        """Stream until every change committed before this call is on the broker.
+
+        Commits made with ``synchronous_commit=off`` become decodable only once the WAL
+        writer flushed them, so the WAL position at the call is awaited as well.
+        """
         await self.start()
-        while await self.stream_once() > 0:
-            pass
-        return self.stats
+        target, _ = await self.source.wal_positions()
+        while True:
+            if await self.stream_once() == 0:
+                _, flushed = await self.source.wal_positions()
+                if flushed >= target and await self.stream_once() == 0:
+                    return self.stats
+                await asyncio.sleep(0.05)
 
     # -- topics and schemas ------------------------------------------------------------
     def _ensure_topics(self) -> None:

@@ -76,9 +76,17 @@ def _millis(value: datetime) -> int:
     return _micros(value) // 1000
 
 
-def _zoned(value: datetime) -> str:
-    text = value.astimezone(UTC).isoformat()
-    return text[:-6] + "Z"
+def _zoned_formatter(precision: int) -> ToAvro:
+    """ISO-8601 in UTC with exactly ``precision`` fractional digits, as Debezium (≥ 2.2) writes."""
+
+    def zoned(value: datetime) -> str:
+        utc = value.astimezone(UTC)
+        text = utc.strftime("%Y-%m-%dT%H:%M:%S")
+        if precision > 0:
+            text += "." + f"{utc.microsecond:06d}"[:precision]
+        return text + "Z"
+
+    return zoned
 
 
 def _micro_time(value: time) -> int:
@@ -173,7 +181,8 @@ def column_type(type_oid: int, type_modifier: int, *, where: str) -> ColumnType:
         return ColumnType(avro, _loader(1114), _micros, "timestamp")
     if type_oid == 1184:
         avro = _connect("string", "io.debezium.time.ZonedTimestamp")
-        return ColumnType(avro, _loader(1184), _zoned, "timestamptz")
+        precision = type_modifier if type_modifier >= 0 else 6
+        return ColumnType(avro, _loader(1184), _zoned_formatter(precision), f"timestamptz({precision})")
     if type_oid == 1083:
         avro = _connect("long", "io.debezium.time.MicroTime")
         return ColumnType(avro, _loader(1083), _micro_time, "time")

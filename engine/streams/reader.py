@@ -38,8 +38,9 @@ def read_all(bootstrap_servers: str, topic: str) -> list[tuple[int, int, bytes |
         out = []
         # Poll until the log runs dry: end offsets are not trusted (the embedded broker
         # reports the last batch's base offset + 1).
+        ends = consumer.end_offsets(assignment)  # a lower bound on the embedded broker
         idle_polls = 0
-        while idle_polls < 2:
+        while idle_polls < 2 or any(consumer.position(tp) < ends[tp] for tp in assignment):
             batch = consumer.poll(timeout_ms=500, max_records=10_000)
             idle_polls = 0 if batch else idle_polls + 1
             for records in batch.values():

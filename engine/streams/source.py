@@ -218,13 +218,14 @@ class LogicalSource:
                 SELECT lsn::text, xid::text::bigint, data
                 FROM pg_logical_slot_peek_binary_changes(%s, %s::pg_lsn, %s,
                      'proto_version', '1', 'publication_names', %s)
-                """,
+                """,  # binary results: bytea as raw bytes, not hex text
                 (
                     self.spec.slot_name,
                     format_lsn(upto_lsn) if upto_lsn is not None else None,
                     max_changes,
                     self.spec.publication,
                 ),
+                binary=True,
             )
         except psycopg.errors.UndefinedObject:
             raise SlotMissing(
@@ -238,6 +239,15 @@ class LogicalSource:
         conn = await self.connect()
         (lsn,) = await (await conn.execute("SELECT pg_current_wal_lsn()::text")).fetchone()  # type: ignore[misc]
         return parse_lsn(lsn)
+
+    async def wal_positions(self) -> tuple[int, int]:
+        """(insert, flush) positions of the source's WAL: decoding sees only flushed WAL."""
+        conn = await self.connect()
+        row = await (
+            await conn.execute("SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text")
+        ).fetchone()
+        assert row is not None
+        return parse_lsn(row[0]), parse_lsn(row[1])
 
     async def advance(self, lsn: int) -> None:
         """Confirm everything before ``lsn``: the server may recycle that WAL now."""
