@@ -9,6 +9,19 @@ from engine.runtime.embedded import RuntimeInfo
 from engine.runtime.exceptions import NoRuntime
 
 
+def resolve_bootstrap(settings: Settings) -> str:
+    """The broker alone (capture needs no staging database)."""
+    if settings.bootstrap_servers is not None:
+        return settings.bootstrap_servers
+    info = RuntimeInfo.read(settings.data_dir.resolve())
+    if info is None:
+        raise NoRuntime(
+            "FIELDSYNC_BOOTSTRAP_SERVERS not set and no embedded runtime is running on "
+            f"{settings.data_dir}: start one with `fieldsync up` (or `make up`) or set it"
+        )
+    return info.bootstrap_servers
+
+
 @dataclass(frozen=True)
 class Endpoints:
     """Resolved addresses every component connects to."""

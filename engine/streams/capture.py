@@ -104,6 +104,7 @@ class CaptureTask:
         self._columns: dict[str, list[SourceColumn]] = {}
         self._key_names: dict[str, frozenset[str]] = {}
         self._relations: dict[int, pgoutput.Relation] = {}
+        self._relation_encoders: dict[int, tuple[pgoutput.Relation, EntityEncoder | None]] = {}
         self._partitions: dict[str, list[int]] = {}
         self._epoch_header: list[tuple[str, bytes]] = []
         self._last_marks_write = 0.0
@@ -264,6 +265,7 @@ class CaptureTask:
         self.stats.snapshots += 1
 
     async def _read_snapshot(self, reader: psycopg.AsyncConnection[Any], consistent_lsn: int) -> None:
+        self._encoder.clock.tick()
         now_ms = int(time.time() * 1000)
         pending: tuple[EntityEncoder, dict[str, Any]] | None = None
         for entity, table in self.spec.entities.items():
@@ -343,6 +345,7 @@ class CaptureTask:
         """Encode and send the events of whole transactions; return the last commit's end LSN."""
         end_lsn: int | None = None
         txn: _Transaction | None = None
+        self._encoder.clock.tick()
         for lsn, _xid, data in rows:
             message = pgoutput.decode(data)
             if isinstance(message, pgoutput.Begin):
@@ -365,18 +368,22 @@ class CaptureTask:
         return end_lsn
 
     async def _encoder_for(self, relation_id: int) -> EntityEncoder | None:
+        """The encoder of a relation, rebuilt only when a new Relation message arrived."""
         relation = self._relations[relation_id]
-        if relation.qualified_name == SIGNAL_TABLE:
-            return None
+        cached = self._relation_encoders.get(relation_id)
+        if cached is not None and cached[0] is relation:
+            return cached[1]
+        encoder: EntityEncoder | None = None
         entity = self._encoder.entity_of(relation.qualified_name)
-        if entity is None:
-            return None
-        return await self._encoder.encoder(
-            entity,
-            relation.qualified_name,
-            [(c.name, c.type_oid, c.type_modifier) for c in relation.columns],
-            self._key_names[entity],
-        )
+        if relation.qualified_name != SIGNAL_TABLE and entity is not None:
+            encoder = await self._encoder.encoder(
+                entity,
+                relation.qualified_name,
+                [(c.name, c.type_oid, c.type_modifier) for c in relation.columns],
+                self._key_names[entity],
+            )
+        self._relation_encoders[relation_id] = (relation, encoder)
+        return encoder
 
     def _block(self, txn: _Transaction, encoder: EntityEncoder) -> dict[str, Any]:
         collection = encoder.data_collection
@@ -449,8 +456,8 @@ class CaptureTask:
             record["data_collections"] = [
                 {"data_collection": name, "event_count": count} for name, count in txn.per_collection.items()
             ]
-        key = _frame(key_writer, {"id": txn.id})
-        await self._producer.send(transaction_topic(self.spec.org), key, _frame(value_writer, record), headers=self._epoch_header)
+        key = key_writer.frame({"id": txn.id})
+        await self._producer.send(transaction_topic(self.spec.org), key, value_writer.frame(record), headers=self._epoch_header)
         self.stats.count(transaction_topic(self.spec.org))
 
 
@@ -466,14 +473,3 @@ def _offset_readable(consumer: KafkaConsumer, partition: TopicPartition, offset:
         if records:
             return bool(records[0].offset == offset)
     return False
-
-
-def _frame(writer: Any, record: dict[str, Any]) -> bytes:
-    import io
-
-    import fastavro
-
-    buffer = io.BytesIO()
-    buffer.write(writer.header)
-    fastavro.schemaless_writer(buffer, writer.parsed, record)
-    return buffer.getvalue()

@@ -8,19 +8,28 @@ compatible schema) and registers every writer schema before its first use.
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import fastavro
-
 import engine
+from engine.streams.avro_writer import compile_writer, write_long, write_string
 from engine.streams.framing import Framing, WriterSchema
 from engine.streams.pgoutput import Unchanged
 from engine.streams.pgtypes import column_type, unavailable_placeholder
-from engine.streams.schemas import TOPIC_PREFIX, CapturedColumn, EntitySchema, signature_of
+from engine.streams.schemas import (
+    SOURCE_FIELD_ORDER,
+    SOURCE_SCHEMA,
+    TOPIC_PREFIX,
+    TRANSACTION_BLOCK_SCHEMA,
+    CapturedColumn,
+    EntitySchema,
+    signature_of,
+)
+
+# encode_envelope writes the source block by hand, in this order
+assert tuple(f["name"] for f in SOURCE_SCHEMA["fields"]) == SOURCE_FIELD_ORDER
 from engine.streams.source import SourceColumn
 from engine.streams.topics import change_topic
 
@@ -42,6 +51,16 @@ class SourcePosition:
         return f'["{self.commit_lsn}","{self.lsn}"]'
 
 
+class BatchClock:
+    """The processing time the events of one batch share (envelope ``ts_ms``/``ts_us``/``ts_ns``)."""
+
+    def __init__(self) -> None:
+        self.now_ns: int | None = None
+
+    def tick(self) -> None:
+        self.now_ns = time.time_ns()
+
+
 class EntityEncoder:
     """One schema version of one entity; encodes its keys and envelopes."""
 
@@ -54,6 +73,7 @@ class EntityEncoder:
         database: str,
         source_schema: str,
         source_table: str,
+        clock: BatchClock | None = None,
     ) -> None:
         self.schema = schema
         self.topic = change_topic(schema.org, schema.entity)
@@ -62,10 +82,17 @@ class EntityEncoder:
         self._columns = schema.columns
         self._key_indexes = [i for i, c in enumerate(schema.columns) if c.is_key]
         self._key_names = [schema.columns[i].name for i in self._key_indexes]
-        self._from_text = [c.type.from_text for c in schema.columns]
         self._to_avro = [c.type.to_avro for c in schema.columns]
+        self._text_to_avro = [c.type.text_to_avro for c in schema.columns]
         self._placeholders = [unavailable_placeholder(c.type) for c in schema.columns]
         self._names = [c.name for c in schema.columns]
+        self._write_value = compile_writer(schema.value_schema)
+        self._write_block = compile_writer(TRANSACTION_BLOCK_SCHEMA)
+        self._source_key: tuple[int, str, int | None] | None = None
+        self._source_head = self._source_mid = b""
+        self._ts_key: int | None = None
+        self._ts_tail = b""
+        self.clock = clock or BatchClock()
         self._source_base = {
             "version": VERSION,
             "connector": "postgresql",
@@ -75,7 +102,6 @@ class EntityEncoder:
             "table": source_table,
             "xmin": None,
         }
-        self._buffer = io.BytesIO()
 
     @property
     def data_collection(self) -> str:
@@ -84,15 +110,12 @@ class EntityEncoder:
     # -- values ------------------------------------------------------------------------
     def row_from_text(self, values: Sequence[bytes | None | Unchanged]) -> dict[str, Any]:
         """A record from pgoutput text values (unchanged TOAST → Debezium's placeholder)."""
-        row: dict[str, Any] = {}
-        for i, raw in enumerate(values):
-            if raw is None:
-                row[self._names[i]] = None
-            elif isinstance(raw, Unchanged):
-                row[self._names[i]] = self._placeholders[i]
-            else:
-                row[self._names[i]] = self._to_avro[i](self._from_text[i](raw))
-        return row
+        return {
+            name: convert(raw) if raw.__class__ is bytes else (None if raw is None else placeholder)
+            for name, convert, placeholder, raw in zip(
+                self._names, self._text_to_avro, self._placeholders, values, strict=True
+            )
+        }
 
     def row_from_python(self, values: Sequence[Any]) -> dict[str, Any]:
         """A record from values psycopg loaded (the snapshot path)."""
@@ -108,16 +131,8 @@ class EntityEncoder:
         return any(old[name] != new[name] for name in self._key_names)
 
     # -- encoding ----------------------------------------------------------------------
-    def _frame(self, writer: WriterSchema, record: dict[str, Any]) -> bytes:
-        buffer = self._buffer
-        buffer.seek(0)
-        buffer.truncate()
-        buffer.write(writer.header)
-        fastavro.schemaless_writer(buffer, writer.parsed, record)
-        return buffer.getvalue()
-
     def encode_key(self, key: dict[str, Any]) -> bytes:
-        return self._frame(self._key_writer, key)
+        return self._key_writer.frame(key)
 
     def encode_envelope(
         self,
@@ -127,26 +142,66 @@ class EntityEncoder:
         position: SourcePosition,
         transaction: dict[str, Any] | None,
     ) -> bytes:
-        now_ns = time.time_ns()
-        source = dict(self._source_base)
-        source["ts_ms"] = position.commit_ms
-        source["ts_us"] = position.commit_ms * 1000
-        source["ts_ns"] = position.commit_ms * 1_000_000
-        source["snapshot"] = position.snapshot
-        source["sequence"] = position.sequence
-        source["txId"] = position.xid
-        source["lsn"] = position.lsn
-        envelope = {
-            "before": before,
-            "after": after,
-            "source": source,
-            "transaction": transaction,
-            "op": op,
-            "ts_ms": now_ns // 1_000_000,
-            "ts_us": now_ns // 1000,
-            "ts_ns": now_ns,
-        }
-        return self._frame(self._value_writer, envelope)
+        """Header + the envelope's Avro encoding, composed from parts that change at different
+        rates: the source block's constant and per-transaction fields are encoded once per
+        transaction, the processing timestamps once per batch (fields in
+        :data:`~engine.streams.schemas.SOURCE_SCHEMA` order; tests check it against fastavro)."""
+        buffer = bytearray(self._value_writer.header)
+        append = buffer.append
+        for image in (before, after):
+            if image is None:
+                append(0)
+            else:
+                append(2)
+                self._write_value(buffer, image)
+        key = (position.commit_ms, position.snapshot, position.xid)
+        if key != self._source_key:
+            self._encode_source_parts(position)
+            self._source_key = key
+        buffer += self._source_head
+        append(2)
+        write_string(buffer, position.sequence)
+        buffer += self._source_mid
+        append(2)
+        write_long(buffer, position.lsn)
+        append(0)  # xmin
+        if transaction is None:
+            append(0)
+        else:
+            append(2)
+            self._write_block(buffer, transaction)
+        write_string(buffer, op)
+        now_ns = self.clock.now_ns or time.time_ns()
+        if now_ns != self._ts_key:
+            tail = bytearray()
+            for value in (now_ns // 1_000_000, now_ns // 1000, now_ns):
+                tail.append(2)
+                write_long(tail, value)
+            self._ts_tail, self._ts_key = bytes(tail), now_ns
+        buffer += self._ts_tail
+        return bytes(buffer)
+
+    def _encode_source_parts(self, position: SourcePosition) -> None:
+        base = self._source_base
+        head = bytearray()
+        for text in (base["version"], base["connector"], base["name"]):
+            write_string(head, text)
+        write_long(head, position.commit_ms)
+        head.append(0)  # snapshot: branch 0 (string) of [string, null]
+        write_string(head, position.snapshot)
+        write_string(head, base["db"])
+        mid = bytearray()
+        for value in (position.commit_ms * 1000, position.commit_ms * 1_000_000):
+            mid.append(2)
+            write_long(mid, value)
+        write_string(mid, base["schema"])
+        write_string(mid, base["table"])
+        if position.xid is None:
+            mid.append(0)
+        else:
+            mid.append(2)
+            write_long(mid, position.xid)
+        self._source_head, self._source_mid = bytes(head), bytes(mid)
 
 
 class EventEncoder:
@@ -158,6 +213,7 @@ class EventEncoder:
         self._database = database
         self._entity_by_table = entity_by_table
         self._current: dict[str, EntityEncoder] = {}
+        self.clock = BatchClock()
 
     def entity_of(self, qualified_table: str) -> str | None:
         return self._entity_by_table.get(qualified_table)
@@ -189,6 +245,7 @@ class EventEncoder:
         encoder = EntityEncoder(
             schema, key_writer, value_writer,
             database=self._database, source_schema=source_schema, source_table=source_table,
+            clock=self.clock,
         )
         self._current[entity] = encoder
         return encoder

@@ -27,6 +27,7 @@ import orjson
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from engine.exceptions import FieldSyncError
+from engine.streams.avro_writer import Write, compile_writer
 
 SCHEMA_TOPIC = "fieldsync.schemas"
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
@@ -47,11 +48,21 @@ def schema_fingerprint(schema: dict[str, Any] | str) -> bytes:
 
 @dataclass(frozen=True)
 class WriterSchema:
-    """A schema as the writer used it: its JSON, fastavro's parsed form and its wire header."""
+    """A schema as the writer uses it: its JSON, its wire header and a compiled encoder."""
 
     schema: dict[str, Any]
-    parsed: Any
     header: bytes
+    write: Write
+
+    @classmethod
+    def of(cls, schema: dict[str, Any], header: bytes) -> WriterSchema:
+        return cls(schema, header, compile_writer(schema))
+
+    def frame(self, datum: Any) -> bytes:
+        """Header + Avro binary encoding of ``datum``."""
+        buffer = bytearray(self.header)
+        self.write(buffer, datum)
+        return bytes(buffer)
 
 
 #: Sends (topic, key, value) and resolves once the broker acknowledged it.
@@ -78,8 +89,7 @@ class SingleObjectFraming(Framing):
         known = self._known.get(fp)
         if known is None:
             await self._publish(SCHEMA_TOPIC, fp.hex().encode(), orjson.dumps(schema))
-            parsed = fastavro.parse_schema(copy.deepcopy(schema))
-            known = WriterSchema(schema, parsed, SINGLE_OBJECT_MAGIC + fp)
+            known = WriterSchema.of(schema, SINGLE_OBJECT_MAGIC + fp)
             self._known[fp] = known
         return known
 
@@ -128,8 +138,7 @@ class ConfluentFraming(Framing):
         known = self._known.get(cache_key)
         if known is None:
             schema_id = await self._registry.register(subject, schema)
-            parsed = fastavro.parse_schema(copy.deepcopy(schema))
-            known = WriterSchema(schema, parsed, CONFLUENT_MAGIC + _CONFLUENT_ID.pack(schema_id))
+            known = WriterSchema.of(schema, CONFLUENT_MAGIC + _CONFLUENT_ID.pack(schema_id))
             self._known[cache_key] = known
         return known
 

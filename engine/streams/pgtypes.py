@@ -79,12 +79,10 @@ def _millis(value: datetime) -> int:
 def _zoned_formatter(precision: int) -> ToAvro:
     """ISO-8601 in UTC with exactly ``precision`` fractional digits, as Debezium (≥ 2.2) writes."""
 
+    cut = 20 + precision if precision > 0 else 19  # "YYYY-MM-DDTHH:MM:SS" + "." + digits
+
     def zoned(value: datetime) -> str:
-        utc = value.astimezone(UTC)
-        text = utc.strftime("%Y-%m-%dT%H:%M:%S")
-        if precision > 0:
-            text += "." + f"{utc.microsecond:06d}"[:precision]
-        return text + "Z"
+        return value.astimezone(UTC).isoformat(timespec="microseconds")[:cut] + "Z"
 
     return zoned
 
@@ -114,8 +112,13 @@ class ColumnType:
     to_avro: ToAvro
     pg_name: str
 
-    def text_to_avro(self, raw: bytes) -> Any:
-        return self.to_avro(self.from_text(raw))
+    @property
+    def text_to_avro(self) -> FromText:
+        """pgoutput text → Avro datum in one call (the parser alone where no conversion is due)."""
+        if self.to_avro is _identity:
+            return self.from_text
+        parse, convert = self.from_text, self.to_avro
+        return lambda raw: convert(parse(raw))
 
 
 def _loader(oid: int) -> FromText:

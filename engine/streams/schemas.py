@@ -58,6 +58,11 @@ SOURCE_SCHEMA: dict[str, Any] = {
     "connect.name": "io.debezium.connector.postgresql.Source",
 }
 
+SOURCE_FIELD_ORDER = (
+    "version", "connector", "name", "ts_ms", "snapshot", "db", "sequence",
+    "ts_us", "ts_ns", "schema", "table", "txId", "lsn", "xmin",
+)
+
 TRANSACTION_BLOCK_SCHEMA: dict[str, Any] = {
     "type": "record",
     "name": "block",
