@@ -138,6 +138,11 @@ class CaptureTask:
             state = await self.source.load_state()
             assert state is not None
             self._set_epoch(state.epoch)
+        confirmed = await self.source.confirmed_lsn()
+        log.info(
+            "org %s: streaming from %s (epoch %s)",
+            self.spec.org, pgoutput.format_lsn(confirmed or 0), self.epoch,
+        )
 
     async def close(self) -> None:
         await self._producer.stop()

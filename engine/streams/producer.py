@@ -69,7 +69,13 @@ class ChangeProducer:
         try:
             await self._producer.start()
         except KafkaError as error:
-            raise DeliveryFailed(f"broker unreachable: {error}") from None
+            hint = (
+                "; the broker may not support idempotent producers (InitProducerId): "
+                "set FIELDSYNC_PRODUCER_IDEMPOTENCE=false for such brokers"
+                if self._options["enable_idempotence"]
+                else ""
+            )
+            raise DeliveryFailed(f"cannot start producing to {self._options['bootstrap_servers']}: {error}{hint}") from None
 
     async def stop(self) -> None:
         if self._producer is not None:

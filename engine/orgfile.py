@@ -1,0 +1,47 @@
+"""Org files (YAML or JSON) describing what an organisation captures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+from pydantic import ValidationError
+
+from engine.exceptions import ConfigError
+from engine.streams.spec import CaptureSpec
+
+SAMPLE_ENTITIES = {
+    "business_unit": "crm.business_units",
+    "team": "crm.teams",
+    "user": "crm.users",
+    "team_member": "crm.team_members",
+    "account": "crm.accounts",
+    "contact": "crm.contacts",
+    "opportunity": "crm.opportunities",
+    "activity": "crm.activities",
+}
+
+
+def load_capture_spec(path: Path, *, source_dsn: str | None = None) -> CaptureSpec:
+    """Read an org file; ``source_dsn`` (from the command line) overrides the file's."""
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"org file {path}: {error.strerror}") from None
+    try:
+        data: Any = orjson.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (orjson.JSONDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"org file {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"org file {path}: expected a mapping at the top level")
+    if source_dsn is not None:
+        data["source_dsn"] = source_dsn
+    try:
+        return CaptureSpec.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in error.errors()
+        )
+        raise ConfigError(f"org file {path}: {problems}") from None
