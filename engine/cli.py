@@ -167,6 +167,24 @@ def topics(
         raise _fail(error) from None
 
 
+@app.command()
+def schemas(
+    org_file: Annotated[Path, typer.Option("--org-file", "-o", help="Org file (YAML/JSON).")],
+    out: Annotated[Path, typer.Option(help="Directory for the .avsc files.")] = Path("docs/schemas"),
+    source_dsn: Annotated[str | None, typer.Option(help="Source DSN, overriding the org file's.")] = None,
+) -> None:
+    """Write the org's published Avro schemas (keys, envelopes, transactions) as .avsc files."""
+    from engine.orgfile import load_capture_spec
+    from engine.streams.export import export_schemas
+
+    try:
+        spec = load_capture_spec(org_file, source_dsn=source_dsn)
+        for path in asyncio.run(export_schemas(spec, out)):
+            console.print(f"wrote {path}")
+    except FieldSyncError as error:
+        raise _fail(error) from None
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context) -> None:
     """Run benchmarks (``fieldsync bench all``, ``fieldsync bench capture --quick``)."""

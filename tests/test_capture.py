@@ -212,3 +212,34 @@ def test_idle_source_slot_keeps_advancing(fresh_database: str, bootstrap_servers
         advanced = conn.execute("SELECT %s::pg_lsn > %s::pg_lsn", (confirmed(), before)).fetchone()[0]
     assert advanced
     assert uuid.UUID  # keeps the import used for type checks
+
+
+def test_broker_that_lost_its_log_gets_a_new_snapshot(fresh_database: str, tmp_path) -> None:
+    from engine.runtime.embedded import EmbeddedBroker, free_port
+
+    broker = EmbeddedBroker(free_port(), tmp_path / "broker.log")
+    broker.start()
+    try:
+        with psycopg.connect(fresh_database, autocommit=True) as conn:
+            conn.execute("CREATE TABLE public.t (id int PRIMARY KEY, v text)")
+            conn.execute("INSERT INTO t SELECT i, 'v' || i FROM generate_series(1, 50) i")
+        spec = CaptureSpec(org=new_org(), source_dsn=fresh_database, entities={"t": "public.t"})
+        first = capture_once(spec, broker.bootstrap_servers)
+        with psycopg.connect(fresh_database, autocommit=True) as conn:
+            conn.execute("UPDATE t SET v = 'changed' WHERE id <= 10")
+        capture_once(spec, broker.bootstrap_servers)
+        old_epoch = first.epoch
+
+        broker.restart()  # memory storage: every topic and offset is gone
+        with psycopg.connect(fresh_database, autocommit=True) as conn:
+            conn.execute("DELETE FROM t WHERE id > 40")
+        again = capture_once(spec, broker.bootstrap_servers)
+
+        assert again.stats.snapshots == 1 and again.epoch != old_epoch
+        got = events(broker.bootstrap_servers, f"fieldsync.{spec.org}.t")
+        assert {e.value["op"] for e in got} == {"r"}
+        rows = {e.key["id"]: e.value["after"]["v"] for e in got}
+        assert rows == {i: ("changed" if i <= 10 else f"v{i}") for i in range(1, 41)}
+        assert {e.headers["fieldsync.epoch"] for e in got} == {str(again.epoch).encode()}
+    finally:
+        broker.stop()
