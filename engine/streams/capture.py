@@ -38,7 +38,17 @@ from psycopg.types.string import TextLoader
 from engine.config import Settings
 from engine.streams import pgoutput
 from engine.streams.events import EntityEncoder, EventEncoder, SourcePosition
-from engine.streams.framing import SCHEMA_TOPIC, ConfluentFraming, ConfluentRegistry, Framing, SingleObjectFraming
+from engine.streams.framing import (
+    SCHEMA_TOPIC,
+    ConfluentFraming,
+    ConfluentRegistry,
+    Framing,
+    SingleObjectFraming,
+)
+from engine.streams.incremental import CLOSE as WINDOW_CLOSE
+from engine.streams.incremental import EXECUTE as EXECUTE_SNAPSHOT
+from engine.streams.incremental import OPEN as WINDOW_OPEN
+from engine.streams.incremental import IncrementalSnapshots, Window
 from engine.streams.producer import ChangeProducer
 from engine.streams.schemas import transaction_key_schema, transaction_value_schema
 from engine.streams.source import SIGNAL_TABLE, LogicalSource, SourceColumn
@@ -111,6 +121,8 @@ class CaptureTask:
         self._last_heartbeat = 0.0
         self._last_broker_check = 0.0
         self._started = False
+        self._incremental: IncrementalSnapshots | None = None
+        self._closed_windows: list[Window] = []
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -138,6 +150,9 @@ class CaptureTask:
             state = await self.source.load_state()
             assert state is not None
             self._set_epoch(state.epoch)
+        self._incremental = IncrementalSnapshots(self.spec, self._columns, self.settings.snapshot_chunk_rows)
+        assert self.epoch is not None
+        await self._incremental.load(await self.source.connect(), self.epoch)
         confirmed = await self.source.confirmed_lsn()
         log.info(
             "org %s: streaming from %s (epoch %s)",
@@ -300,20 +315,82 @@ class CaptureTask:
 
     # -- streaming ---------------------------------------------------------------------
     async def stream_once(self) -> int:
-        """One streaming batch (steps 1-5 of the module docstring); returns messages sent."""
+        """One streaming batch (steps 1-5 of the module docstring); returns messages decoded."""
+        await self._open_snapshot_chunk()
         heartbeat_lsn = await self.source.current_lsn()
         rows = await self.source.peek(self.settings.capture_batch_changes)
         if not rows:
             await self._idle(heartbeat_lsn)
             return 0
-        sent_before = self._producer.sent
         end_lsn = await self._process(rows)
         await self._producer.flush()
+        await self._finish_snapshot_chunks()
         await self._record_marks()
         if end_lsn is not None:
             await self.source.advance(end_lsn)
         self.stats.batches += 1
-        return self._producer.sent - sent_before
+        return len(rows)
+
+    # -- incremental snapshots (see engine.streams.incremental) ---------------------------
+    async def _open_snapshot_chunk(self) -> None:
+        incremental = self._incremental
+        if incremental is None or incremental.window is not None or not incremental.pending:
+            return
+        entity = incremental.pending[0]
+        encoder = await self._encoder.encoder_for_source_columns(entity, self.spec.entities[entity], self._columns[entity])
+        await incremental.open_next_chunk(await self.source.connect(), encoder)
+
+    async def _finish_snapshot_chunks(self) -> None:
+        assert self._incremental is not None
+        conn = await self.source.connect()
+        for window in self._closed_windows:
+            await self._incremental.finish(conn, window)
+        self._closed_windows.clear()
+
+    async def _signal(self, message: pgoutput.Insert | pgoutput.Update | pgoutput.Delete, lsn: int, txn: _Transaction) -> None:
+        """A row of the signal table: a snapshot request or one of our own watermarks."""
+        if not isinstance(message, pgoutput.Insert):
+            return
+        relation = self._relations[message.relation_id]
+        values = {
+            column.name: raw.decode() if isinstance(raw, bytes) else None
+            for column, raw in zip(relation.columns, message.new, strict=True)
+        }
+        incremental = self._incremental
+        assert incremental is not None and self.epoch is not None
+        kind, signal_id = values.get("type"), values.get("id") or ""
+        if kind == EXECUTE_SNAPSHOT:
+            for entity in incremental.entities_in_signal(values.get("data")):
+                await incremental.request(await self.source.connect(), entity, self.epoch)
+            return
+        window = incremental.window
+        if window is None or not signal_id.startswith(window.chunk_id):
+            return  # a watermark of a chunk lost in a crash: its chunk will be read again
+        if kind == WINDOW_OPEN:
+            window.opened = True
+        elif kind == WINDOW_CLOSE:
+            await self._emit_chunk(window, lsn, txn)
+            incremental.window = None
+            self._closed_windows.append(window)
+
+    async def _emit_chunk(self, window: Window, lsn: int, txn: _Transaction) -> None:
+        """Step 5: the chunk's remaining rows, as reads at the high watermark's position."""
+        encoder = await self._encoder.encoder_for_source_columns(
+            window.entity, self.spec.entities[window.entity], self._columns[window.entity]
+        )
+        position = SourcePosition(txn.commit_lsn, lsn, None, txn.commit_ms, snapshot="incremental")
+        for record in window.rows.values():
+            key = encoder.encode_key(encoder.key_of(record))
+            await self._send(encoder.topic, key, encoder.encode_envelope("r", None, record, position, None))
+            self.stats.snapshot_rows += 1
+
+    def _drop_from_window(self, encoder: EntityEncoder, *rows: dict[str, Any] | None) -> None:
+        incremental = self._incremental
+        if incremental is None or incremental.window is None:
+            return
+        for row in rows:
+            if row is not None:
+                incremental.drop(encoder.schema.entity, tuple(encoder.key_of(row).values()))
 
     async def _idle(self, decoded_up_to: int) -> None:
         now = time.monotonic()
@@ -399,6 +476,9 @@ class CaptureTask:
     async def _row_change(
         self, message: pgoutput.Insert | pgoutput.Update | pgoutput.Delete, lsn: int, txn: _Transaction
     ) -> None:
+        if self._relations[message.relation_id].qualified_name == SIGNAL_TABLE:
+            await self._signal(message, lsn, txn)
+            return
         encoder = await self._encoder_for(message.relation_id)
         if encoder is None:
             return
@@ -409,16 +489,19 @@ class CaptureTask:
         topic = encoder.topic
         if isinstance(message, pgoutput.Insert):
             after = encoder.row_from_text(message.new)
+            self._drop_from_window(encoder, after)
             value = encoder.encode_envelope("c", None, after, position, self._block(txn, encoder))
             await self._send(topic, encoder.encode_key(encoder.key_of(after)), value)
         elif isinstance(message, pgoutput.Delete):
             before = encoder.row_from_text(message.old)
+            self._drop_from_window(encoder, before)
             key = encoder.encode_key(encoder.key_of(before))
             await self._send(topic, key, encoder.encode_envelope("d", before, None, position, self._block(txn, encoder)))
             await self._send(topic, key, None)
         else:
             after = encoder.row_from_text(message.new)
             before = encoder.row_from_text(message.old) if message.old is not None else None
+            self._drop_from_window(encoder, before, after)
             if before is not None and (message.old_is_key_only or encoder.key_changed(before, after)):
                 # A primary-key change is a delete of the old key and a create of the new one.
                 old_key = encoder.encode_key(encoder.key_of(before))
@@ -444,6 +527,9 @@ class CaptureTask:
             if self.spec.transaction_metadata and not txn.begin_sent:
                 await self._send_transaction_marker(txn, "BEGIN")
                 txn.begin_sent = True
+            window = self._incremental.window if self._incremental else None
+            if window is not None and window.opened and window.entity == encoder.schema.entity:
+                window.rows.clear()  # the chunk's rows were truncated away
             value = encoder.encode_envelope("t", None, None, position, self._block(txn, encoder))
             for partition in await self._partitions_of(encoder.topic):
                 await self._send(encoder.topic, None, value, partition=partition)

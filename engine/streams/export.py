@@ -14,7 +14,12 @@ import orjson
 
 from engine.streams.framing import schema_fingerprint
 from engine.streams.pgtypes import column_type
-from engine.streams.schemas import CapturedColumn, EntitySchema, transaction_key_schema, transaction_value_schema
+from engine.streams.schemas import (
+    CapturedColumn,
+    EntitySchema,
+    transaction_key_schema,
+    transaction_value_schema,
+)
 from engine.streams.source import LogicalSource, SourceColumn
 from engine.streams.spec import CaptureSpec
 from engine.streams.topics import change_topic, transaction_topic

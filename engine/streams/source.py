@@ -20,6 +20,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.types.string import TextLoader
 
 from engine.streams.exceptions import (
     SlotMissing,
@@ -47,6 +48,15 @@ CREATE TABLE IF NOT EXISTS fieldsync.capture_offsets (
     high_offset bigint NOT NULL,
     PRIMARY KEY (org, topic, partition)
 );
+CREATE TABLE IF NOT EXISTS fieldsync.entity_snapshot (
+    org text NOT NULL,
+    entity text NOT NULL,
+    epoch uuid NOT NULL,
+    status text NOT NULL CHECK (status IN ('pending', 'done')),
+    last_key text[],
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (org, entity)
+);
 CREATE TABLE IF NOT EXISTS fieldsync.signal (
     id text PRIMARY KEY,
     type text NOT NULL,
@@ -71,6 +81,7 @@ class SourceColumn:
     type_modifier: int
     is_key: bool
     not_null: bool
+    type_name: str  # format_type(): what a text value casts back to
 
 
 @dataclass(frozen=True)
@@ -100,7 +111,9 @@ class LogicalSource:
                 )
             except psycopg.OperationalError as error:
                 raise SourceUnreachable(f"org {self.spec.org}: source unreachable: {error}") from None
-            await self._conn.execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'iso_8601'; SET extra_float_digits = 3")
+            for json_type in ("json", "jsonb"):  # JSON travels as its text
+                self._conn.adapters.register_loader(json_type, TextLoader)
+            await self._conn.execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET synchronous_commit = on; SET IntervalStyle = 'iso_8601'; SET extra_float_digits = 3")
         return self._conn
 
     async def close(self) -> None:
@@ -139,7 +152,8 @@ class LogicalSource:
             await conn.execute(
                 """
                 SELECT a.attname, a.atttypid::int, a.atttypmod, a.attnotnull,
-                       coalesce(a.attnum = ANY(i.indkey), false) AS is_key
+                       coalesce(a.attnum = ANY(i.indkey), false) AS is_key,
+                       format_type(a.atttypid, a.atttypmod)
                 FROM pg_attribute a
                 JOIN pg_class c ON c.oid = a.attrelid
                 LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
@@ -151,7 +165,10 @@ class LogicalSource:
         ).fetchall()
         if not rows:
             raise UnsupportedTable(f"org {org}, entity {entity}: source table {table} does not exist")
-        result = [SourceColumn(name, oid, mod, key, not_null) for name, oid, mod, not_null, key in rows]
+        result = [
+            SourceColumn(name, oid, mod, key, not_null, type_name)
+            for name, oid, mod, not_null, key, type_name in rows
+        ]
         if not any(c.is_key for c in result):
             raise UnsupportedTable(
                 f"org {org}, entity {entity}: table {table} has no primary key; "
@@ -295,11 +312,19 @@ class LogicalSource:
         return epoch
 
     async def complete_snapshot(self, epoch: uuid.UUID) -> None:
+        """The epoch's initial snapshot is on the broker: every entity is done for it."""
         conn = await self.connect()
-        await conn.execute(
-            "UPDATE fieldsync.capture_state SET snapshot_completed = true, updated_at = now() WHERE org = %s AND epoch = %s",
-            (self.spec.org, epoch),
-        )
+        async with conn.transaction():
+            await conn.execute(
+                "UPDATE fieldsync.capture_state SET snapshot_completed = true, updated_at = now() WHERE org = %s AND epoch = %s",
+                (self.spec.org, epoch),
+            )
+            await conn.execute("DELETE FROM fieldsync.entity_snapshot WHERE org = %s", (self.spec.org,))
+            async with conn.cursor() as cursor:
+                await cursor.executemany(
+                    "INSERT INTO fieldsync.entity_snapshot (org, entity, epoch, status) VALUES (%s, %s, %s, 'done')",
+                    [(self.spec.org, entity, epoch) for entity in self.spec.entities],
+                )
 
     async def record_offsets(self, marks: dict[tuple[str, int], int]) -> None:
         if not marks:
