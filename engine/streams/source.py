@@ -139,7 +139,10 @@ class LogicalSource:
             raise SourceMisconfigured(
                 f"org {org}: source has wal_level={wal_level}; logical decoding needs wal_level=logical"
             )
-        await conn.execute(STATE_DDL)
+        async with conn.transaction():
+            # orgs sharing a source create the state schema concurrently: serialise them
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('fieldsync.capture_state'))")
+            await conn.execute(STATE_DDL)
         columns: dict[str, list[SourceColumn]] = {}
         for entity, table in self.spec.entities.items():
             columns[entity] = await self._columns(conn, entity, table)

@@ -11,6 +11,8 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
+import psycopg
+
 from engine.config import Settings
 from engine.exceptions import FieldSyncError
 from engine.streams.capture import CaptureTask
@@ -49,10 +51,14 @@ async def supervise(
             status.state = "retrying"
             status.restarts += 1
             log.warning("org %s: %s; retrying in %.1fs", spec.org, error, pause)
-        except OSError as error:
+        except (OSError, psycopg.OperationalError) as error:
             status.state, status.error = "retrying", f"[io_error] {error}"
             status.restarts += 1
             log.warning("org %s: %s; retrying in %.1fs", spec.org, error, pause)
+        except Exception as error:  # a bug must not take the other orgs down with it
+            status.state, status.error = "failed", f"[internal_error] {type(error).__name__}: {error}"
+            log.exception("org %s: capture stopped by an unexpected error", spec.org)
+            return
         finally:
             status.events += task.stats.events
             await task.close()
