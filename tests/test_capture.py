@@ -26,38 +26,78 @@ CREATE TABLE public.everything (
 """
 
 ROW = {
-    "id": 1, "small": -7, "normal": 2_000_000_000, "big": 9_000_000_000_000,
-    "real_": 1.5, "dbl": -2.25, "money_": Decimal("-1234567890.12"), "anyscale": Decimal("3.14159265358979"),
-    "flag": True, "label": "héllo, wörld", "code": "ABC", "fixed": "xy",
-    "day": "2024-02-29", "at_local": "2024-02-29 13:14:15.123456", "at_ms": "2024-02-29 13:14:15.123",
-    "at": "2024-02-29 13:14:15.5+02", "at_s": "2024-02-29 13:14:15+00", "clock": "13:14:15.25",
-    "ident": "6ecd8c99-4036-403d-bf84-cf8400f67836", "doc": '{"a": [1, 2], "b": null}', "doc_json": '{"x":1}',
-    "tags": ["a", None, "b,c"], "counts": [1, None, 3], "blob": b"\x00\xff\x10",
+    "id": 1,
+    "small": -7,
+    "normal": 2_000_000_000,
+    "big": 9_000_000_000_000,
+    "real_": 1.5,
+    "dbl": -2.25,
+    "money_": Decimal("-1234567890.12"),
+    "anyscale": Decimal("3.14159265358979"),
+    "flag": True,
+    "label": "héllo, wörld",
+    "code": "ABC",
+    "fixed": "xy",
+    "day": "2024-02-29",
+    "at_local": "2024-02-29 13:14:15.123456",
+    "at_ms": "2024-02-29 13:14:15.123",
+    "at": "2024-02-29 13:14:15.5+02",
+    "at_s": "2024-02-29 13:14:15+00",
+    "clock": "13:14:15.25",
+    "ident": "6ecd8c99-4036-403d-bf84-cf8400f67836",
+    "doc": '{"a": [1, 2], "b": null}',
+    "doc_json": '{"x":1}',
+    "tags": ["a", None, "b,c"],
+    "counts": [1, None, 3],
+    "blob": b"\x00\xff\x10",
 }
 
 EXPECTED = {
-    "id": 1, "small": -7, "normal": 2_000_000_000, "big": 9_000_000_000_000,
-    "real_": 1.5, "dbl": -2.25, "money_": Decimal("-1234567890.12"),
+    "id": 1,
+    "small": -7,
+    "normal": 2_000_000_000,
+    "big": 9_000_000_000_000,
+    "real_": 1.5,
+    "dbl": -2.25,
+    "money_": Decimal("-1234567890.12"),
     "anyscale": {"scale": 14, "value": (314159265358979).to_bytes(7, "big", signed=True)},
-    "flag": True, "label": "héllo, wörld", "code": "ABC", "fixed": "xy ",
-    "day": 19782, "at_local": 1709212455123456, "at_ms": 1709212455123,
-    "at": "2024-02-29T11:14:15.500000Z", "at_s": "2024-02-29T13:14:15.000000Z", "clock": 47655250000,
-    "ident": "6ecd8c99-4036-403d-bf84-cf8400f67836", "doc": '{"a": [1, 2], "b": null}', "doc_json": '{"x":1}',
-    "tags": ["a", None, "b,c"], "counts": [1, None, 3], "blob": b"\x00\xff\x10",
+    "flag": True,
+    "label": "héllo, wörld",
+    "code": "ABC",
+    "fixed": "xy ",
+    "day": 19782,
+    "at_local": 1709212455123456,
+    "at_ms": 1709212455123,
+    "at": "2024-02-29T11:14:15.500000Z",
+    "at_s": "2024-02-29T13:14:15.000000Z",
+    "clock": 47655250000,
+    "ident": "6ecd8c99-4036-403d-bf84-cf8400f67836",
+    "doc": '{"a": [1, 2], "b": null}',
+    "doc_json": '{"x":1}',
+    "tags": ["a", None, "b,c"],
+    "counts": [1, None, 3],
+    "blob": b"\x00\xff\x10",
 }
 
 
 def _insert(conn: psycopg.Connection, row: dict) -> None:
     columns = ", ".join(row)
-    conn.execute(f"INSERT INTO public.everything ({columns}) VALUES ({', '.join(['%s'] * len(row))})", list(row.values()))
+    conn.execute(
+        f"INSERT INTO public.everything ({columns}) VALUES ({', '.join(['%s'] * len(row))})",
+        list(row.values()),
+    )
 
 
-def test_every_type_round_trips_through_snapshot_and_stream(fresh_database: str, bootstrap_servers: str) -> None:
+def test_every_type_round_trips_through_snapshot_and_stream(
+    fresh_database: str, bootstrap_servers: str
+) -> None:
     with psycopg.connect(fresh_database, autocommit=True) as conn:
         conn.execute(ALL_TYPES)
         _insert(conn, ROW)
         _insert(conn, {"id": 2})  # every optional column NULL
-    spec = CaptureSpec(org=new_org(), source_dsn=fresh_database, entities={"everything": "public.everything"})
+    spec = CaptureSpec(
+        org=new_org(), source_dsn=fresh_database, entities={"everything": "public.everything"}
+    )
     capture_once(spec, bootstrap_servers)  # snapshot: op r
     with psycopg.connect(fresh_database, autocommit=True) as conn:
         _insert(conn, {**ROW, "id": 3})
@@ -72,7 +112,10 @@ def test_every_type_round_trips_through_snapshot_and_stream(fresh_database: str,
     snapshot = by_id[("r", 1)]["source"]
     assert snapshot["connector"] == "postgresql" and snapshot["name"] == "fieldsync"
     assert snapshot["schema"] == "public" and snapshot["table"] == "everything"
-    assert {by_id[("r", 1)]["source"]["snapshot"], by_id[("r", 2)]["source"]["snapshot"]} == {"true", "last"}
+    assert {by_id[("r", 1)]["source"]["snapshot"], by_id[("r", 2)]["source"]["snapshot"]} == {
+        "true",
+        "last",
+    }
     stream = by_id[("c", 3)]
     assert stream["source"]["snapshot"] == "false" and stream["source"]["txId"] > 0
     assert stream["source"]["lsn"] > snapshot["lsn"]
@@ -80,11 +123,17 @@ def test_every_type_round_trips_through_snapshot_and_stream(fresh_database: str,
     assert base64.b64encode(EXPECTED["blob"])  # bytes survive as bytes, not text
 
 
-def test_operations_keys_tombstones_truncate_and_transactions(fresh_database: str, bootstrap_servers: str) -> None:
+def test_operations_keys_tombstones_truncate_and_transactions(
+    fresh_database: str, bootstrap_servers: str
+) -> None:
     with psycopg.connect(fresh_database, autocommit=True) as conn:
         conn.execute("CREATE TABLE public.item (id int PRIMARY KEY, name text NOT NULL, qty int)")
         conn.execute("CREATE TABLE public.note (a int, b text, body text, PRIMARY KEY (a, b))")
-    spec = CaptureSpec(org=new_org(), source_dsn=fresh_database, entities={"item": "public.item", "note": "public.note"})
+    spec = CaptureSpec(
+        org=new_org(),
+        source_dsn=fresh_database,
+        entities={"item": "public.item", "note": "public.note"},
+    )
     capture_once(spec, bootstrap_servers)
     with psycopg.connect(fresh_database) as conn:
         conn.execute("INSERT INTO item VALUES (1, 'one', 1), (2, 'two', 2)")
@@ -115,7 +164,11 @@ def test_operations_keys_tombstones_truncate_and_transactions(fresh_database: st
     update = next(e.value for e in items if e.value and e.value["op"] == "u")
     assert update["before"] is None and update["after"] == {"id": 1, "name": "one", "qty": 10}
     delete = next(e for e in items if e.value and e.value["op"] == "d" and e.key["id"] == 1)
-    assert delete.value["before"] == {"id": 1, "name": None, "qty": None}  # REPLICA IDENTITY DEFAULT: key only
+    assert delete.value["before"] == {
+        "id": 1,
+        "name": None,
+        "qty": None,
+    }  # REPLICA IDENTITY DEFAULT: key only
     moved = next(e for e in items if e.value and e.value["op"] == "d" and e.key["id"] == 2)
     assert "__debezium.newkey" in moved.headers
     created = next(e for e in items if e.key and e.key["id"] == 20)
@@ -134,7 +187,10 @@ def test_operations_keys_tombstones_truncate_and_transactions(fresh_database: st
     begins = {e.value["id"] for e in txns if e.value["status"] == "BEGIN"}
     assert begins == set(ends) and len(ends) == 5
     shapes = sorted(
-        (v["event_count"], tuple(sorted((c["data_collection"], c["event_count"]) for c in v["data_collections"])))
+        (
+            v["event_count"],
+            tuple(sorted((c["data_collection"], c["event_count"]) for c in v["data_collections"])),
+        )
         for v in ends.values()
     )
     assert shapes == [
@@ -144,16 +200,29 @@ def test_operations_keys_tombstones_truncate_and_transactions(fresh_database: st
         (3, (("public.item", 1), ("public.note", 2))),  # delete item, note key change
         (3, (("public.item", 2), ("public.note", 1))),  # the inserts
     ]
-    mixed = next(v for v in ends.values() if v["event_count"] == 3 and v["data_collections"][0]["event_count"] == 1
-                 or v["event_count"] == 3 and v["data_collections"][-1]["event_count"] == 2)
-    blocks = [e.value["transaction"] for e in items + notes if e.value and e.value["transaction"] and e.value["transaction"]["id"] == mixed["id"]]
+    mixed = next(
+        v
+        for v in ends.values()
+        if (v["event_count"] == 3
+        and v["data_collections"][0]["event_count"] == 1)
+        or (v["event_count"] == 3
+        and v["data_collections"][-1]["event_count"] == 2)
+    )
+    blocks = [
+        e.value["transaction"]
+        for e in items + notes
+        if e.value and e.value["transaction"] and e.value["transaction"]["id"] == mixed["id"]
+    ]
     assert sorted(b["total_order"] for b in blocks) == [1, 2, 3]
     assert sorted(b["data_collection_order"] for b in blocks) == [1, 1, 2]
 
 
-def test_new_nullable_column_gives_compatible_schema_version(fresh_database: str, bootstrap_servers: str) -> None:
-    import fastavro
+def test_new_nullable_column_gives_compatible_schema_version(
+    fresh_database: str, bootstrap_servers: str
+) -> None:
     import io
+
+    import fastavro
 
     with psycopg.connect(fresh_database, autocommit=True) as conn:
         conn.execute("CREATE TABLE public.t (id int PRIMARY KEY, a text)")
@@ -165,17 +234,27 @@ def test_new_nullable_column_gives_compatible_schema_version(fresh_database: str
         conn.execute("INSERT INTO t VALUES (2, 'after', 1.5)")
     capture_once(spec, bootstrap_servers)
     got = sorted(events(bootstrap_servers, f"fieldsync.{spec.org}.t"), key=lambda e: e.key["id"])
-    assert [e.value["after"] for e in got] == [{"id": 1, "a": "before"}, {"id": 2, "a": "after", "b": Decimal("1.5")}]
+    assert [e.value["after"] for e in got] == [
+        {"id": 1, "a": "before"},
+        {"id": 2, "a": "after", "b": Decimal("1.5")},
+    ]
 
     from tests.capture_helpers import PlainDecoder
 
     decoder = PlainDecoder(bootstrap_servers)
-    records = sorted(fetch(bootstrap_servers, f"fieldsync.{spec.org}.t"), key=lambda r: decoder.decode(r.key)["id"])
+    records = sorted(
+        fetch(bootstrap_servers, f"fieldsync.{spec.org}.t"),
+        key=lambda r: decoder.decode(r.key)["id"],
+    )
     old_writer, new_writer = (decoder.schemas[r.value[2:10]] for r in records)
     assert old_writer is not new_writer
     # the new schema reads data written with the old one: backward compatible
     old_data = io.BytesIO(records[0].value[10:])
-    assert fastavro.schemaless_reader(old_data, old_writer, new_writer)["after"] == {"id": 1, "a": "before", "b": None}
+    assert fastavro.schemaless_reader(old_data, old_writer, new_writer)["after"] == {
+        "id": 1,
+        "a": "before",
+        "b": None,
+    }
 
 
 def test_unsupported_tables_are_named(fresh_database: str, bootstrap_servers: str) -> None:
@@ -183,12 +262,25 @@ def test_unsupported_tables_are_named(fresh_database: str, bootstrap_servers: st
         conn.execute("CREATE TABLE public.nokey (a int)")
         conn.execute("CREATE TABLE public.odd (id int PRIMARY KEY, spot point)")
     org = new_org()
-    with pytest.raises(UnsupportedTable, match=rf"org {org}, entity nokey: table public.nokey has no primary key"):
-        capture_once(CaptureSpec(org=org, source_dsn=fresh_database, entities={"nokey": "public.nokey"}), bootstrap_servers)
-    with pytest.raises(UnsupportedTable, match=rf"org {org}, entity odd, column spot: column type oid 600"):
-        capture_once(CaptureSpec(org=org, source_dsn=fresh_database, entities={"odd": "public.odd"}), bootstrap_servers)
+    with pytest.raises(
+        UnsupportedTable, match=rf"org {org}, entity nokey: table public.nokey has no primary key"
+    ):
+        capture_once(
+            CaptureSpec(org=org, source_dsn=fresh_database, entities={"nokey": "public.nokey"}),
+            bootstrap_servers,
+        )
+    with pytest.raises(
+        UnsupportedTable, match=rf"org {org}, entity odd, column spot: column type oid 600"
+    ):
+        capture_once(
+            CaptureSpec(org=org, source_dsn=fresh_database, entities={"odd": "public.odd"}),
+            bootstrap_servers,
+        )
     with pytest.raises(UnsupportedTable, match="does not exist"):
-        capture_once(CaptureSpec(org=org, source_dsn=fresh_database, entities={"ghost": "public.ghost"}), bootstrap_servers)
+        capture_once(
+            CaptureSpec(org=org, source_dsn=fresh_database, entities={"ghost": "public.ghost"}),
+            bootstrap_servers,
+        )
 
 
 def test_idle_source_slot_keeps_advancing(fresh_database: str, bootstrap_servers: str) -> None:
@@ -201,15 +293,20 @@ def test_idle_source_slot_keeps_advancing(fresh_database: str, bootstrap_servers
     def confirmed() -> str:
         with psycopg.connect(fresh_database) as conn:
             return conn.execute(
-                "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = %s", (spec.slot_name,)
+                "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = %s",
+                (spec.slot_name,),
             ).fetchone()[0]
 
     before = confirmed()
     with psycopg.connect(fresh_database, autocommit=True) as conn:
-        conn.execute("INSERT INTO elsewhere SELECT generate_series(1, 1000)")  # WAL, but nothing captured
+        conn.execute(
+            "INSERT INTO elsewhere SELECT generate_series(1, 1000)"
+        )  # WAL, but nothing captured
     capture_once(spec, bootstrap_servers)
     with psycopg.connect(fresh_database) as conn:
-        advanced = conn.execute("SELECT %s::pg_lsn > %s::pg_lsn", (confirmed(), before)).fetchone()[0]
+        advanced = conn.execute("SELECT %s::pg_lsn > %s::pg_lsn", (confirmed(), before)).fetchone()[
+            0
+        ]
     assert advanced
     assert uuid.UUID  # keeps the import used for type checks
 
@@ -243,3 +340,20 @@ def test_broker_that_lost_its_log_gets_a_new_snapshot(fresh_database: str, tmp_p
         assert {e.headers["fieldsync.epoch"] for e in got} == {str(again.epoch).encode()}
     finally:
         broker.stop()
+
+
+def test_unchanged_toast_value_carries_debeziums_placeholder(fresh_database: str, bootstrap_servers: str) -> None:
+    big = "".join(f"{i:08x}" for i in range(40_000))  # incompressible enough to be stored out of line
+    with psycopg.connect(fresh_database, autocommit=True) as conn:
+        conn.execute("CREATE TABLE doc (id int PRIMARY KEY, title text, body text, blob bytea)")
+        conn.execute("INSERT INTO doc VALUES (1, 'first', %s, %s)", (big, big.encode()))
+    spec = CaptureSpec(org=new_org(), source_dsn=fresh_database, entities={"doc": "public.doc"})
+    capture_once(spec, bootstrap_servers)
+    with psycopg.connect(fresh_database, autocommit=True) as conn:
+        conn.execute("UPDATE doc SET title = 'second' WHERE id = 1")  # body and blob untouched
+    capture_once(spec, bootstrap_servers)
+    snapshot, update = (e.value for e in events(bootstrap_servers, f"fieldsync.{spec.org}.doc"))
+    assert snapshot["after"]["body"] == big
+    assert update["op"] == "u" and update["after"]["title"] == "second"
+    assert update["after"]["body"] == "__debezium_unavailable_value"
+    assert update["after"]["blob"] == b"__debezium_unavailable_value"
