@@ -1,0 +1,1 @@
+"""Projection of change topics into per-organisation staging tables with per-entity watermarks."""

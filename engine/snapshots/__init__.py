@@ -1,0 +1,1 @@
+"""Compacted snapshots of staging entities (Avro container files behind a snapshot store)."""

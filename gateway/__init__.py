@@ -1,0 +1,1 @@
+"""The sync gateway: devices' sync endpoint and the admin endpoint (FastAPI)."""
