@@ -37,7 +37,9 @@ def capture(ctx: BenchContext) -> Iterator[Result]:
             runner.run(task.start())
 
         try:
-            make_update_workload(dsn, TABLE, rows=rows, updates=updates, before_updates=start_capture)
+            make_update_workload(
+                dsn, TABLE, rows=rows, updates=updates, before_updates=start_capture
+            )
             baseline = measure_raw_decode_runs(dsn, spec.slot_name, spec.publication, updates)
             events_before = task.stats.events
             started = time.perf_counter()

@@ -67,7 +67,9 @@ def up() -> None:
         settings = _settings()
         _configure_logging(settings)
         runtime = EmbeddedRuntime(
-            settings.data_dir, pg_port=settings.embedded_pg_port, broker_port=settings.embedded_broker_port
+            settings.data_dir,
+            pg_port=settings.embedded_pg_port,
+            broker_port=settings.embedded_broker_port,
         )
         info = runtime.start()
     except FieldSyncError as error:
@@ -88,9 +90,16 @@ def up() -> None:
 
 @app.command()
 def capture(
-    org_file: Annotated[list[Path], typer.Option("--org-file", "-o", help="Org file (YAML/JSON); repeat for more orgs.")],
-    source_dsn: Annotated[str | None, typer.Option(help="Source DSN, overriding the org file's (one org only).")] = None,
-    until_caught_up: Annotated[bool, typer.Option(help="Exit once everything committed so far is on the broker.")] = False,
+    org_file: Annotated[
+        list[Path],
+        typer.Option("--org-file", "-o", help="Org file (YAML/JSON); repeat for more orgs."),
+    ],
+    source_dsn: Annotated[
+        str | None, typer.Option(help="Source DSN, overriding the org file's (one org only).")
+    ] = None,
+    until_caught_up: Annotated[
+        bool, typer.Option(help="Exit once everything committed so far is on the broker.")
+    ] = False,
 ) -> None:
     """Capture the orgs' source databases into their change topics."""
     from engine.orgfile import load_capture_spec
@@ -112,7 +121,9 @@ def capture(
             task = CaptureTask(spec, settings, bootstrap)
             try:
                 stats = await task.catch_up()
-                console.print(f"org {spec.org}: {stats.snapshot_rows} snapshot rows, {stats.events} events")
+                console.print(
+                    f"org {spec.org}: {stats.snapshot_rows} snapshot rows, {stats.events} events"
+                )
             finally:
                 await task.close()
 
@@ -135,7 +146,9 @@ def capture(
 @app.command()
 def demo(
     accounts: Annotated[int, typer.Option(help="Sample size: number of accounts.")] = 2_000,
-    churn_seconds: Annotated[float, typer.Option(help="How long to keep changing the source.")] = 5.0,
+    churn_seconds: Annotated[
+        float, typer.Option(help="How long to keep changing the source.")
+    ] = 5.0,
     rate: Annotated[float, typer.Option(help="Source changes per second while churning.")] = 200.0,
 ) -> None:
     """End to end on the embedded runtime: sample CRM source → capture → what landed where."""
@@ -151,7 +164,9 @@ def demo(
 
 @app.command()
 def topics(
-    topic: Annotated[str | None, typer.Argument(help="Show this topic's messages, decoded.")] = None,
+    topic: Annotated[
+        str | None, typer.Argument(help="Show this topic's messages, decoded.")
+    ] = None,
     limit: Annotated[int, typer.Option(help="Messages to show.")] = 10,
 ) -> None:
     """List topics with their message counts, or show one topic's messages decoded."""
@@ -170,8 +185,12 @@ def topics(
 @app.command()
 def schemas(
     org_file: Annotated[Path, typer.Option("--org-file", "-o", help="Org file (YAML/JSON).")],
-    out: Annotated[Path, typer.Option(help="Directory for the .avsc files.")] = Path("docs/schemas"),
-    source_dsn: Annotated[str | None, typer.Option(help="Source DSN, overriding the org file's.")] = None,
+    out: Annotated[Path, typer.Option(help="Directory for the .avsc files.")] = Path(
+        "docs/schemas"
+    ),
+    source_dsn: Annotated[
+        str | None, typer.Option(help="Source DSN, overriding the org file's.")
+    ] = None,
 ) -> None:
     """Write the org's published Avro schemas (keys, envelopes, transactions) as .avsc files."""
     from engine.orgfile import load_capture_spec

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 
 import psycopg
+from pydantic import SecretStr
 from rich.console import Console
 
 from engine.config import Settings
@@ -41,7 +42,9 @@ def _runtime(settings: Settings, console: Console) -> Iterator[Endpoints]:
         return
     console.print("Starting embedded PostgreSQL and broker…")
     with EmbeddedRuntime(
-        settings.data_dir, pg_port=settings.embedded_pg_port, broker_port=settings.embedded_broker_port
+        settings.data_dir,
+        pg_port=settings.embedded_pg_port,
+        broker_port=settings.embedded_broker_port,
     ):
         yield resolve_endpoints(settings)
 
@@ -50,7 +53,8 @@ def _fresh_source(admin_dsn: str) -> str:
     """An empty ``crm_demo`` database (an earlier demo's slot and data removed first)."""
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         conn.execute(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = %s",
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+            " WHERE database = %s",
             (DEMO_DATABASE,),
         )
         conn.execute(f"DROP DATABASE IF EXISTS {DEMO_DATABASE} WITH (FORCE)")
@@ -85,59 +89,86 @@ async def _topic_rows(bootstrap: str, spec: CaptureSpec) -> dict[str, int]:
     return counts
 
 
-def run_demo(settings: Settings, console: Console, *, accounts: int, churn_seconds: float, rate: float) -> None:
+def run_demo(
+    settings: Settings, console: Console, *, accounts: int, churn_seconds: float, rate: float
+) -> None:
     with _runtime(settings, console) as endpoints:
         source_dsn = _fresh_source(endpoints.staging_dsn)
-        spec = CaptureSpec(org=DEMO_ORG, source_dsn=source_dsn, entities=SAMPLE_ENTITIES)
-        admin = TopicAdmin(endpoints.bootstrap_servers, partitions=settings.topic_partitions, replication_factor=1)
-        admin.delete([*(change_topic(DEMO_ORG, e) for e in spec.entities), transaction_topic(DEMO_ORG)])
+        spec = CaptureSpec(org=DEMO_ORG, source_dsn=SecretStr(source_dsn), entities=SAMPLE_ENTITIES)
+        admin = TopicAdmin(
+            endpoints.bootstrap_servers, partitions=settings.topic_partitions, replication_factor=1
+        )
+        admin.delete(
+            [*(change_topic(DEMO_ORG, e) for e in spec.entities), transaction_topic(DEMO_ORG)]
+        )
         admin.close()
 
         started = time.perf_counter()
         create_source(source_dsn)
         counts = fill(source_dsn, accounts=accounts, seed=7)
-        console.print(f"Sample CRM source [bold]{DEMO_DATABASE}[/]: {counts.total} rows in {len(spec.entities)} tables "
-                      f"({time.perf_counter() - started:.1f}s)")
+        console.print(
+            f"Sample CRM source [bold]{DEMO_DATABASE}[/]: {counts.total} rows"
+            f" in {len(spec.entities)} tables ({time.perf_counter() - started:.1f}s)"
+        )
         asyncio.run(_capture(settings, console, endpoints, spec, source_dsn, churn_seconds, rate))
 
 
 async def _capture(
-    settings: Settings, console: Console, endpoints: Endpoints, spec: CaptureSpec,
-    source_dsn: str, churn_seconds: float, rate: float,
+    settings: Settings,
+    console: Console,
+    endpoints: Endpoints,
+    spec: CaptureSpec,
+    source_dsn: str,
+    churn_seconds: float,
+    rate: float,
 ) -> None:
     task = CaptureTask(spec, settings, endpoints.bootstrap_servers)
     try:
         started = time.perf_counter()
         await task.start()
-        console.print(f"Initial snapshot: {task.stats.snapshot_rows} rows as op 'r' "
-                      f"({time.perf_counter() - started:.1f}s)")
+        console.print(
+            f"Initial snapshot: {task.stats.snapshot_rows} rows as op 'r' "
+            f"({time.perf_counter() - started:.1f}s)"
+        )
         stop = asyncio.Event()
         stop_churn = threading.Event()
         streaming = asyncio.create_task(task.run(stop))
-        console.print(f"Changing the source at {rate:.0f} changes/s for {churn_seconds:.0f}s while capture streams…")
+        console.print(
+            f"Changing the source at {rate:.0f} changes/s for {churn_seconds:.0f}s"
+            " while capture streams…"
+        )
         stats = await asyncio.to_thread(
             churn, source_dsn, rate_per_s=rate, duration_s=churn_seconds, seed=11, stop=stop_churn
         )
         stop.set()
         await streaming
         await task.catch_up()
-        console.print(f"Source changes made: {stats.changes} in {stats.transactions} transactions; change events captured: "
-                      f"{task.stats.events - task.stats.snapshot_rows} ({task.stats.transactions} transactions)")
+        console.print(
+            f"Source changes made: {stats.changes} in {stats.transactions} transactions;"
+            f" change events captured: {task.stats.events - task.stats.snapshot_rows}"
+            f" ({task.stats.transactions} transactions)"
+        )
     finally:
         await task.close()
 
     topics = [*(change_topic(spec.org, e) for e in spec.entities), transaction_topic(spec.org)]
     summary = await asyncio.to_thread(topic_summary, endpoints.bootstrap_servers, topics)
-    console.print(summary_table(summary, f"What landed on which topic (broker {endpoints.bootstrap_servers})"))
+    console.print(
+        summary_table(summary, f"What landed on which topic (broker {endpoints.bootstrap_servers})")
+    )
 
     source = await _source_rows(source_dsn, spec)
     replayed = await _topic_rows(endpoints.bootstrap_servers, spec)
     if source == replayed:
-        console.print(f"[green]✓[/] replaying the topics reproduces the source: {sum(source.values())} rows "
-                      f"in {len(source)} tables")
+        console.print(
+            f"[green]✓[/] replaying the topics reproduces the source: {sum(source.values())} rows "
+            f"in {len(source)} tables"
+        )
     else:
         diff = {e: (source[e], replayed.get(e)) for e in source if source[e] != replayed.get(e)}
         console.print(f"[red]✗ topics and source differ (source, topics): {diff}[/]")
         raise SystemExit(1)
-    console.print("Inspect further with [bold]fieldsync topics[/] and "
-                  f"[bold]fieldsync topics {change_topic(spec.org, 'account')}[/] (while `make up` runs).")
+    console.print(
+        "Inspect further with [bold]fieldsync topics[/] and "
+        f"[bold]fieldsync topics {change_topic(spec.org, 'account')}[/] (while `make up` runs)."
+    )

@@ -33,7 +33,9 @@ def load_capture_spec(path: Path, *, source_dsn: str | None = None) -> CaptureSp
     try:
         data: Any = orjson.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (orjson.JSONDecodeError, yaml.YAMLError) as error:
-        raise ConfigError(f"org file {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}") from None
+        raise ConfigError(
+            f"org file {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"org file {path}: expected a mapping at the top level")
     if source_dsn is not None:

@@ -73,7 +73,13 @@ class Event:
 def events(bootstrap: str, topic: str) -> list[Event]:
     decoder = PlainDecoder(bootstrap)
     return [
-        Event(r.partition, r.offset, decoder.decode(r.key), decoder.decode(r.value), dict(r.headers or []))
+        Event(
+            r.partition,
+            r.offset,
+            decoder.decode(r.key),
+            decoder.decode(r.value),
+            dict(r.headers or []),
+        )
         for r in fetch(bootstrap, topic)
     ]
 
@@ -83,7 +89,9 @@ def new_org() -> str:
 
 
 def settings(**overrides: Any) -> Settings:
-    return load_settings(**{"topic_partitions": 2, "capture_heartbeat_interval_s": 0.2, **overrides})
+    return load_settings(
+        **{"topic_partitions": 2, "capture_heartbeat_interval_s": 0.2, **overrides}
+    )
 
 
 def capture_once(spec: CaptureSpec, bootstrap: str, **overrides: Any) -> CaptureTask:

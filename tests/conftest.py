@@ -40,7 +40,9 @@ def embedded_broker() -> Iterator[EmbeddedBroker | None]:
     if os.environ.get("FIELDSYNC_TEST_BOOTSTRAP"):
         yield None
         return
-    broker = EmbeddedBroker(free_port(), Path(tempfile.mkdtemp(prefix="fieldsync-test-kafka-")) / "broker.log")
+    broker = EmbeddedBroker(
+        free_port(), Path(tempfile.mkdtemp(prefix="fieldsync-test-kafka-")) / "broker.log"
+    )
     broker.start()
     try:
         yield broker

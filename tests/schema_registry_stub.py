@@ -44,16 +44,20 @@ def schema_registry() -> Iterator[tuple[str, _Registry]]:
             self.end_headers()
             self.wfile.write(data)
 
-        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        def do_POST(self) -> None:
             parts = self.path.strip("/").split("/")
             if len(parts) != 3 or parts[0] != "subjects" or parts[2] != "versions":
                 return self._reply(404, {"error_code": 404, "message": "not found"})
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             self._reply(200, {"id": registry.register(parts[1], body["schema"])})
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             parts = self.path.strip("/").split("/")
-            if len(parts) == 3 and parts[:2] == ["schemas", "ids"] and int(parts[2]) in registry.schemas:
+            if (
+                len(parts) == 3
+                and parts[:2] == ["schemas", "ids"]
+                and int(parts[2]) in registry.schemas
+            ):
                 return self._reply(200, {"schema": registry.schemas[int(parts[2])]})
             self._reply(404, {"error_code": 40403, "message": "Schema not found"})
 

@@ -203,10 +203,8 @@ def test_operations_keys_tombstones_truncate_and_transactions(
     mixed = next(
         v
         for v in ends.values()
-        if (v["event_count"] == 3
-        and v["data_collections"][0]["event_count"] == 1)
-        or (v["event_count"] == 3
-        and v["data_collections"][-1]["event_count"] == 2)
+        if (v["event_count"] == 3 and v["data_collections"][0]["event_count"] == 1)
+        or (v["event_count"] == 3 and v["data_collections"][-1]["event_count"] == 2)
     )
     blocks = [
         e.value["transaction"]
@@ -342,8 +340,11 @@ def test_broker_that_lost_its_log_gets_a_new_snapshot(fresh_database: str, tmp_p
         broker.stop()
 
 
-def test_unchanged_toast_value_carries_debeziums_placeholder(fresh_database: str, bootstrap_servers: str) -> None:
-    big = "".join(f"{i:08x}" for i in range(40_000))  # incompressible enough to be stored out of line
+def test_unchanged_toast_value_carries_debeziums_placeholder(
+    fresh_database: str, bootstrap_servers: str
+) -> None:
+    # incompressible enough to be stored out of line
+    big = "".join(f"{i:08x}" for i in range(40_000))
     with psycopg.connect(fresh_database, autocommit=True) as conn:
         conn.execute("CREATE TABLE doc (id int PRIMARY KEY, title text, body text, blob bytea)")
         conn.execute("INSERT INTO doc VALUES (1, 'first', %s, %s)", (big, big.encode()))

@@ -25,13 +25,23 @@ def _fieldsync() -> str:
     return str(Path(sys.executable).parent / "fieldsync")
 
 
-def _start_capture(org_file: Path, bootstrap: str, log: Path, *extra: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "FIELDSYNC_BOOTSTRAP_SERVERS": bootstrap, "FIELDSYNC_TOPIC_PARTITIONS": "3",
-           "FIELDSYNC_CAPTURE_BATCH_CHANGES": "2000",
-           "FIELDSYNC_PRODUCER_IDEMPOTENCE": os.environ.get("FIELDSYNC_TEST_IDEMPOTENCE", "false")}
+def _start_capture(
+    org_file: Path, bootstrap: str, log: Path, *extra: str
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "FIELDSYNC_BOOTSTRAP_SERVERS": bootstrap,
+        "FIELDSYNC_TOPIC_PARTITIONS": "3",
+        "FIELDSYNC_CAPTURE_BATCH_CHANGES": "2000",
+        "FIELDSYNC_PRODUCER_IDEMPOTENCE": os.environ.get("FIELDSYNC_TEST_IDEMPOTENCE", "false"),
+    }
     with log.open("ab") as out:
-        return subprocess.Popen([_fieldsync(), "capture", "--org-file", str(org_file), *extra],
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [_fieldsync(), "capture", "--org-file", str(org_file), *extra],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def _wait_streaming(log: Path, starts: int, process: subprocess.Popen[bytes]) -> None:
@@ -44,7 +54,7 @@ def _wait_streaming(log: Path, starts: int, process: subprocess.Popen[bytes]) ->
 
 
 def _load(dsn: str, done: threading.Event, rng: random.Random) -> None:
-    """CHANGES single-row updates (seq + 1) in transactions of 1–200, paced over ~15 s.
+    """CHANGES single-row updates (seq + 1) in transactions of 1-200, paced over ~15 s.
 
     Larger transactions make larger batches, so most kills land between sending a batch and
     advancing the slot, the window where a crash must re-send rather than skip."""
@@ -54,8 +64,10 @@ def _load(dsn: str, done: threading.Event, rng: random.Random) -> None:
         while made < CHANGES:
             size = min(rng.randint(1, 200), CHANGES - made)
             with conn.cursor() as cur:
-                cur.executemany("UPDATE counter SET seq = seq + 1 WHERE id = %s",
-                                [(rng.randrange(KEYS),) for _ in range(size)])
+                cur.executemany(
+                    "UPDATE counter SET seq = seq + 1 WHERE id = %s",
+                    [(rng.randrange(KEYS),) for _ in range(size)],
+                )
             conn.commit()
             made += size
             ahead = made / (CHANGES / 15.0) - (time.monotonic() - started)
@@ -65,13 +77,20 @@ def _load(dsn: str, done: threading.Event, rng: random.Random) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_batch_loses_nothing(fresh_database: str, bootstrap_servers: str, tmp_path: Path) -> None:
+def test_sigkill_mid_batch_loses_nothing(
+    fresh_database: str, bootstrap_servers: str, tmp_path: Path
+) -> None:
     org = new_org()
     with psycopg.connect(fresh_database, autocommit=True) as conn:
         conn.execute("CREATE TABLE counter (id int PRIMARY KEY, seq int NOT NULL, pad text)")
-        conn.execute("INSERT INTO counter SELECT i, 0, repeat('x', 100) FROM generate_series(0, %s) i", (KEYS - 1,))
+        conn.execute(
+            "INSERT INTO counter SELECT i, 0, repeat('x', 100) FROM generate_series(0, %s) i",
+            (KEYS - 1,),
+        )
     org_file = tmp_path / "org.yaml"
-    org_file.write_text(f"org: {org}\nsource_dsn: '{fresh_database}'\nentities:\n  counter: public.counter\n")
+    org_file.write_text(
+        f"org: {org}\nsource_dsn: '{fresh_database}'\nentities:\n  counter: public.counter\n"
+    )
     log = tmp_path / "capture.log"
 
     # the initial snapshot completes first; from then on a kill must never cost a change
@@ -114,7 +133,9 @@ def test_sigkill_mid_batch_loses_nothing(fresh_database: str, bootstrap_servers:
         # every state the row went through, in source order: the snapshot (0), then each update
         assert firsts == list(range(0, expected[key] + 1)), f"key {key}: {sequence}"
         duplicates += len(sequence) - len(firsts)
-    assert log.read_text().count("taking an initial snapshot") == 1  # kills never forced a re-snapshot
+    assert (
+        log.read_text().count("taking an initial snapshot") == 1
+    )  # kills never forced a re-snapshot
     print(f"kills={kills} events={sum(len(s) for s in seen.values())} duplicates={duplicates}")
     # at-least-once shows: some kill landed after a batch was sent and before the slot advanced
     assert duplicates > 0

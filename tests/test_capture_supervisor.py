@@ -15,20 +15,28 @@ from engine.streams.supervisor import OrgStatus, run_captures
 from tests.capture_helpers import capture_once, events, new_org, settings
 
 
-def test_one_broken_org_does_not_stop_the_others(fresh_database: str, bootstrap_servers: str) -> None:
+def test_one_broken_org_does_not_stop_the_others(
+    fresh_database: str, bootstrap_servers: str
+) -> None:
     with psycopg.connect(fresh_database, autocommit=True) as conn:
         conn.execute("CREATE TABLE good (id int PRIMARY KEY)")
         conn.execute("CREATE TABLE nokey (id int)")
         conn.execute("INSERT INTO good SELECT generate_series(1, 20)")
     good = CaptureSpec(org=new_org(), source_dsn=fresh_database, entities={"good": "public.good"})
-    broken = CaptureSpec(org=new_org(), source_dsn=fresh_database, entities={"nokey": "public.nokey"})
+    broken = CaptureSpec(
+        org=new_org(), source_dsn=fresh_database, entities={"nokey": "public.nokey"}
+    )
     unreachable = CaptureSpec(
-        org=new_org(), source_dsn=f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere", entities={"x": "public.x"}
+        org=new_org(),
+        source_dsn=f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere",
+        entities={"x": "public.x"},
     )
 
     async def scenario() -> dict[str, OrgStatus]:
         stop = asyncio.Event()
-        run = asyncio.create_task(run_captures([good, broken, unreachable], settings(), bootstrap_servers, stop))
+        run = asyncio.create_task(
+            run_captures([good, broken, unreachable], settings(), bootstrap_servers, stop)
+        )
         with psycopg.connect(fresh_database, autocommit=True) as conn:
             conn.execute("INSERT INTO good SELECT generate_series(21, 30)")
         for _ in range(200):
@@ -43,10 +51,16 @@ def test_one_broken_org_does_not_stop_the_others(fresh_database: str, bootstrap_
     assert len(events(bootstrap_servers, f"fieldsync.{good.org}.good")) == 30
     assert statuses[good.org].state == "stopped" and statuses[good.org].error is None
     assert statuses[broken.org].state == "failed"
-    assert statuses[broken.org].error is not None and "[unsupported_table]" in statuses[broken.org].error
+    assert (
+        statuses[broken.org].error is not None
+        and "[unsupported_table]" in statuses[broken.org].error
+    )
     assert f"org {broken.org}, entity nokey" in statuses[broken.org].error
     assert statuses[unreachable.org].restarts >= 1
-    assert statuses[unreachable.org].error is not None and "[source_unreachable]" in statuses[unreachable.org].error
+    assert (
+        statuses[unreachable.org].error is not None
+        and "[source_unreachable]" in statuses[unreachable.org].error
+    )
 
 
 def test_source_without_logical_wal_is_named(tmp_path: Path, bootstrap_servers: str) -> None:

@@ -39,7 +39,9 @@ def _resolver(kind: str, bootstrap: str, overrides: dict[str, Any]) -> SchemaRes
     return ConfluentResolver(ConfluentRegistry(overrides["schema_registry_url"]))
 
 
-def test_both_framings_round_trip(framing: tuple[str, dict[str, Any]], fresh_database: str, bootstrap_servers: str) -> None:
+def test_both_framings_round_trip(
+    framing: tuple[str, dict[str, Any]], fresh_database: str, bootstrap_servers: str
+) -> None:
     kind, overrides = framing
     with psycopg.connect(fresh_database, autocommit=True) as conn:
         conn.execute("CREATE TABLE t (id int PRIMARY KEY, amount numeric(8,2), note text)")
@@ -57,8 +59,15 @@ def test_both_framings_round_trip(framing: tuple[str, dict[str, Any]], fresh_dat
     async def decode_all() -> list[tuple[Any, Any]]:
         out = []
         for record in fetch(bootstrap_servers, f"fieldsync.{spec.org}.t"):
-            assert record.key.startswith(magic) and (record.value is None or record.value.startswith(magic))
-            out.append((await resolver.decode(record.key), None if record.value is None else await resolver.decode(record.value)))
+            assert record.key.startswith(magic) and (
+                record.value is None or record.value.startswith(magic)
+            )
+            out.append(
+                (
+                    await resolver.decode(record.key),
+                    None if record.value is None else await resolver.decode(record.value),
+                )
+            )
         return out
 
     decoded = asyncio.run(decode_all())
@@ -66,7 +75,10 @@ def test_both_framings_round_trip(framing: tuple[str, dict[str, Any]], fresh_dat
     for key, value in decoded:
         per_key.setdefault(key["id"], []).append(value and (value["op"], value["after"]))
     assert per_key == {
-        1: [("r", {"id": 1, "amount": Decimal("1.25"), "note": "a"}), ("u", {"id": 1, "amount": Decimal("1.25"), "note": "b"})],
+        1: [
+            ("r", {"id": 1, "amount": Decimal("1.25"), "note": "a"}),
+            ("u", {"id": 1, "amount": Decimal("1.25"), "note": "b"}),
+        ],
         2: [("r", {"id": 2, "amount": None, "note": None}), ("d", None), None],
     }
 
@@ -77,7 +89,11 @@ def test_confluent_subjects_follow_topic_names(fresh_database: str, bootstrap_se
         conn.execute("INSERT INTO t VALUES (1)")
     org = new_org()
     with schema_registry() as (url, registry):
-        capture_once(CaptureSpec(org=org, source_dsn=fresh_database, entities={"t": "public.t"}), bootstrap_servers, schema_registry_url=url)
+        capture_once(
+            CaptureSpec(org=org, source_dsn=fresh_database, entities={"t": "public.t"}),
+            bootstrap_servers,
+            schema_registry_url=url,
+        )
         assert {f"fieldsync.{org}.t-key", f"fieldsync.{org}.t-value"} <= set(registry.subjects)
         record = fetch(bootstrap_servers, f"fieldsync.{org}.t")[0]
         (schema_id,) = struct.unpack(">I", record.value[1:5])

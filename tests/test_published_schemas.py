@@ -34,7 +34,9 @@ def test_docs_schemas_match_capture(fresh_database: str) -> None:
     fingerprints = json.loads((published / "fingerprints.json").read_text())
     assert set(fingerprints) == set(expected)
     for name, schema in expected.items():
-        assert json.loads((published / name).read_text()) == schema, f"{name} is stale: run fieldsync schemas"
+        assert json.loads((published / name).read_text()) == schema, (
+            f"{name} is stale: run fieldsync schemas"
+        )
         assert fingerprints[name] == schema_fingerprint(schema).hex()
 
 

@@ -47,9 +47,12 @@ def test_second_runtime_on_same_data_dir_is_refused(tmp_path: Path) -> None:
             conn.execute("CREATE TABLE IF NOT EXISTS survives (x int)")
             conn.execute("INSERT INTO survives VALUES (1)")
     assert RuntimeInfo.read(tmp_path) is None
-    with EmbeddedRuntime(
-        tmp_path, pg_port=free_port(), broker_port=free_port(), fsync=False
-    ) as again, psycopg.connect(again.postgres.dsn()) as conn:
+    with (
+        EmbeddedRuntime(
+            tmp_path, pg_port=free_port(), broker_port=free_port(), fsync=False
+        ) as again,
+        psycopg.connect(again.postgres.dsn()) as conn,
+    ):
         assert conn.execute("SELECT count(*) FROM survives").fetchone() == (1,)
 
 
@@ -82,13 +85,17 @@ def test_fieldsync_up_refuses_a_second_instance_and_stops_on_ctrl_c(tmp_path: Pa
         "FIELDSYNC_EMBEDDED_BROKER_PORT": str(free_port()),
     }
     fieldsync = str(Path(sys.executable).parent / "fieldsync")
-    first = subprocess.Popen([fieldsync, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        [fieldsync, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline = time.monotonic() + 60
         while RuntimeInfo.read(tmp_path) is None:
             assert first.poll() is None and time.monotonic() < deadline
             time.sleep(0.1)
-        second = subprocess.run([fieldsync, "up"], env=env, capture_output=True, text=True, timeout=60)
+        second = subprocess.run(
+            [fieldsync, "up"], env=env, capture_output=True, text=True, timeout=60
+        )
         assert second.returncode == 2
         assert "already running" in second.stdout
         dsn = RuntimeInfo.read(tmp_path).postgres_dsn  # type: ignore[union-attr]

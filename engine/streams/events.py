@@ -27,11 +27,11 @@ from engine.streams.schemas import (
     EntitySchema,
     signature_of,
 )
+from engine.streams.source import SourceColumn
+from engine.streams.topics import change_topic
 
 # encode_envelope writes the source block by hand, in this order
 assert tuple(f["name"] for f in SOURCE_SCHEMA["fields"]) == SOURCE_FIELD_ORDER
-from engine.streams.source import SourceColumn
-from engine.streams.topics import change_topic
 
 VERSION = f"fieldsync-{engine.__version__}"
 
@@ -52,7 +52,10 @@ class SourcePosition:
 
 
 class BatchClock:
-    """The processing time the events of one batch share (envelope ``ts_ms``/``ts_us``/``ts_ns``)."""
+    """The processing time the events of one batch share.
+
+    It becomes the envelope's ``ts_ms``/``ts_us``/``ts_ns``.
+    """
 
     def __init__(self) -> None:
         self.now_ns: int | None = None
@@ -93,14 +96,14 @@ class EntityEncoder:
         self._ts_key: int | None = None
         self._ts_tail = b""
         self.clock = clock or BatchClock()
-        self._source_base = {
+        # the source block's constant string fields (xmin is always null: written inline)
+        self._source_base: dict[str, str] = {
             "version": VERSION,
             "connector": "postgresql",
             "name": TOPIC_PREFIX,
             "db": database,
             "schema": source_schema,
             "table": source_table,
-            "xmin": None,
         }
 
     @property
@@ -108,7 +111,7 @@ class EntityEncoder:
         return f"{self._source_base['schema']}.{self._source_base['table']}"
 
     # -- values ------------------------------------------------------------------------
-    def row_from_text(self, values: Sequence[bytes | None | Unchanged]) -> dict[str, Any]:
+    def row_from_text(self, values: Sequence[bytes | Unchanged | None]) -> dict[str, Any]:
         """A record from pgoutput text values (unchanged TOAST → Debezium's placeholder)."""
         return {
             name: convert(raw) if raw.__class__ is bytes else (None if raw is None else placeholder)
@@ -207,7 +210,9 @@ class EntityEncoder:
 class EventEncoder:
     """The encoders of one org, one per entity and schema version."""
 
-    def __init__(self, org: str, framing: Framing, *, database: str, entity_by_table: dict[str, str]) -> None:
+    def __init__(
+        self, org: str, framing: Framing, *, database: str, entity_by_table: dict[str, str]
+    ) -> None:
         self.org = org
         self._framing = framing
         self._database = database
@@ -228,10 +233,15 @@ class EventEncoder:
         columns: Sequence[tuple[str, int, int]],
         key_names: frozenset[str],
     ) -> EntityEncoder:
-        """The encoder for these columns (name, type oid, typmod), registering a new version if they changed."""
+        """The encoder for these columns (name, type oid, typmod).
+
+        A new schema version is registered if they changed.
+        """
         where = f"org {self.org}, entity {entity}"
         captured = tuple(
-            CapturedColumn(name, column_type(oid, modifier, where=f"{where}, column {name}"), name in key_names)
+            CapturedColumn(
+                name, column_type(oid, modifier, where=f"{where}, column {name}"), name in key_names
+            )
             for name, oid, modifier in columns
         )
         existing = self._current.get(entity)
@@ -243,14 +253,20 @@ class EventEncoder:
         value_writer = await self._framing.writer_schema(f"{topic}-value", schema.envelope_schema)
         source_schema, source_table = qualified_table.split(".", 1)
         encoder = EntityEncoder(
-            schema, key_writer, value_writer,
-            database=self._database, source_schema=source_schema, source_table=source_table,
+            schema,
+            key_writer,
+            value_writer,
+            database=self._database,
+            source_schema=source_schema,
+            source_table=source_table,
             clock=self.clock,
         )
         self._current[entity] = encoder
         return encoder
 
-    async def encoder_for_source_columns(self, entity: str, qualified_table: str, columns: Sequence[SourceColumn]) -> EntityEncoder:
+    async def encoder_for_source_columns(
+        self, entity: str, qualified_table: str, columns: Sequence[SourceColumn]
+    ) -> EntityEncoder:
         return await self.encoder(
             entity,
             qualified_table,

@@ -25,7 +25,9 @@ from engine.streams.spec import CaptureSpec
 from engine.streams.topics import change_topic, transaction_topic
 
 
-def entity_schemas(spec: CaptureSpec, columns: dict[str, list[SourceColumn]]) -> dict[str, dict[str, Any]]:
+def entity_schemas(
+    spec: CaptureSpec, columns: dict[str, list[SourceColumn]]
+) -> dict[str, dict[str, Any]]:
     """File name → schema for every topic of the org."""
     files: dict[str, dict[str, Any]] = {}
     for entity, cols in columns.items():
@@ -34,7 +36,11 @@ def entity_schemas(spec: CaptureSpec, columns: dict[str, list[SourceColumn]]) ->
             spec.org,
             entity,
             tuple(
-                CapturedColumn(c.name, column_type(c.type_oid, c.type_modifier, where=f"{where}, column {c.name}"), c.is_key)
+                CapturedColumn(
+                    c.name,
+                    column_type(c.type_oid, c.type_modifier, where=f"{where}, column {c.name}"),
+                    c.is_key,
+                )
                 for c in cols
             ),
         )
@@ -61,5 +67,7 @@ async def export_schemas(spec: CaptureSpec, directory: Path) -> list[Path]:
         fingerprints[name] = schema_fingerprint(schema).hex()
         written.append(path)
     index = directory / "fingerprints.json"
-    index.write_bytes(orjson.dumps(fingerprints, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
+    index.write_bytes(
+        orjson.dumps(fingerprints, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
+    )
     return [*written, index]

@@ -74,11 +74,14 @@ class IncrementalSnapshots:
         """Queue pending entities and entities never snapshotted in this epoch."""
         rows = await (
             await conn.execute(
-                "SELECT entity, epoch, status, last_key FROM fieldsync.entity_snapshot WHERE org = %s",
+                "SELECT entity, epoch, status, last_key FROM fieldsync.entity_snapshot"
+                " WHERE org = %s",
                 (self.spec.org,),
             )
         ).fetchall()
-        known = {entity: (row_epoch, status, last_key) for entity, row_epoch, status, last_key in rows}
+        known = {
+            entity: (row_epoch, status, last_key) for entity, row_epoch, status, last_key in rows
+        }
         for entity in self.spec.entities:
             state = known.get(entity)
             if state is None or state[0] != epoch:
@@ -87,7 +90,9 @@ class IncrementalSnapshots:
                 self.pending.append(entity)
                 self._key_text[entity] = state[2]
 
-    async def request(self, conn: psycopg.AsyncConnection[Any], entity: str, epoch: uuid.UUID) -> None:
+    async def request(
+        self, conn: psycopg.AsyncConnection[Any], entity: str, epoch: uuid.UUID
+    ) -> None:
         """(Re)start the entity's incremental snapshot from its first key."""
         await conn.execute(
             """
@@ -119,8 +124,10 @@ class IncrementalSnapshots:
         return [name for name in wanted if name in self.spec.entities]
 
     # -- chunks ------------------------------------------------------------------------
-    async def open_next_chunk(self, conn: psycopg.AsyncConnection[Any], encoder: EntityEncoder) -> None:
-        """Steps 1–3: low watermark, chunk read, high watermark (each committed on its own)."""
+    async def open_next_chunk(
+        self, conn: psycopg.AsyncConnection[Any], encoder: EntityEncoder
+    ) -> None:
+        """Steps 1-3: low watermark, chunk read, high watermark (each committed on its own)."""
         if self.window is not None or not self.pending:
             return
         entity = self.pending[0]
@@ -130,14 +137,20 @@ class IncrementalSnapshots:
         key_list = sql.SQL(", ").join(sql.Identifier(c.name) for c in keys)
         after_last = (
             sql.SQL("WHERE ({}) > ({})").format(
-                key_list, sql.SQL(", ").join(sql.SQL("%s::{}").format(sql.SQL(c.type_name)) for c in keys)
+                key_list,
+                sql.SQL(", ").join(sql.SQL("%s::{}").format(sql.SQL(c.type_name)) for c in keys),
             )
             if last is not None
             else sql.SQL("")
         )
-        query = sql.SQL("SELECT {cols}, ARRAY[{key_text}] FROM {table} {after_last} ORDER BY {keys} LIMIT {limit}").format(
+        query = sql.SQL(
+            "SELECT {cols}, ARRAY[{key_text}] FROM {table} {after_last}"
+            " ORDER BY {keys} LIMIT {limit}"
+        ).format(
             cols=sql.SQL(", ").join(sql.Identifier(c.name) for c in columns),
-            key_text=sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c.name)) for c in keys),
+            key_text=sql.SQL(", ").join(
+                sql.SQL("{}::text").format(sql.Identifier(c.name)) for c in keys
+            ),
             table=sql.Identifier(*self.spec.entities[entity].split(".", 1)),
             after_last=after_last,
             keys=key_list,
@@ -145,11 +158,13 @@ class IncrementalSnapshots:
         )
         chunk_id = uuid.uuid4().hex
         await conn.execute(
-            "INSERT INTO fieldsync.signal (id, type, data) VALUES (%s, %s, %s)", (f"{chunk_id}-open", OPEN, entity)
+            "INSERT INTO fieldsync.signal (id, type, data) VALUES (%s, %s, %s)",
+            (f"{chunk_id}-open", OPEN, entity),
         )
         rows = await (await conn.execute(query, list(last or []))).fetchall()
         await conn.execute(
-            "INSERT INTO fieldsync.signal (id, type, data) VALUES (%s, %s, %s)", (f"{chunk_id}-close", CLOSE, entity)
+            "INSERT INTO fieldsync.signal (id, type, data) VALUES (%s, %s, %s)",
+            (f"{chunk_id}-close", CLOSE, entity),
         )
         records = [encoder.row_from_python(row[:-1]) for row in rows]
         self.window = Window(
@@ -170,11 +185,13 @@ class IncrementalSnapshots:
         """Step 6 (after the broker acknowledged the chunk): record progress, tidy the signals."""
         status = "done" if window.complete else "pending"
         await conn.execute(
-            "UPDATE fieldsync.entity_snapshot SET last_key = %s, status = %s, updated_at = now() WHERE org = %s AND entity = %s",
+            "UPDATE fieldsync.entity_snapshot SET last_key = %s, status = %s, updated_at = now()"
+            " WHERE org = %s AND entity = %s",
             (window.last_key, status, self.spec.org, window.entity),
         )
         await conn.execute(
-            "DELETE FROM fieldsync.signal WHERE id IN (%s, %s)", (f"{window.chunk_id}-open", f"{window.chunk_id}-close")
+            "DELETE FROM fieldsync.signal WHERE id IN (%s, %s)",
+            (f"{window.chunk_id}-open", f"{window.chunk_id}-close"),
         )
         self._key_text[window.entity] = window.last_key
         if window.complete:

@@ -41,7 +41,7 @@ class Unchanged:
 UNCHANGED_TOAST = Unchanged()
 
 #: A tuple's values in column order: text bytes, None for NULL, or UNCHANGED_TOAST.
-TupleValues = list[bytes | None | Unchanged]
+TupleValues = list[bytes | Unchanged | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,9 +122,7 @@ class Ignored:
     kind: str
 
 
-Message = (
-    Begin | Commit | Relation | Insert | Update | Delete | Truncate | LogicalMessage | Ignored
-)
+Message = Begin | Commit | Relation | Insert | Update | Delete | Truncate | LogicalMessage | Ignored
 
 
 def pg_timestamp(micros: int) -> datetime:

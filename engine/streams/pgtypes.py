@@ -126,10 +126,16 @@ def _loader(oid: int) -> FromText:
     if loader_class is None:  # pragma: no cover - psycopg knows every builtin we map
         raise LookupError(oid)
     load = loader_class(oid, None).load
-    return load  # type: ignore[return-value]
+    return load
 
 
-_ARRAY_ELEMENTS = {1009: (25, "string"), 1015: (1043, "string"), 1007: (23, "int"), 1016: (20, "long"), 2951: (2950, "string")}
+_ARRAY_ELEMENTS = {
+    1009: (25, "string"),
+    1015: (1043, "string"),
+    1007: (23, "int"),
+    1016: (20, "long"),
+    2951: (2950, "string"),
+}
 
 
 def column_type(type_oid: int, type_modifier: int, *, where: str) -> ColumnType:
@@ -185,7 +191,9 @@ def column_type(type_oid: int, type_modifier: int, *, where: str) -> ColumnType:
     if type_oid == 1184:
         avro = _connect("string", "io.debezium.time.ZonedTimestamp")
         precision = type_modifier if type_modifier >= 0 else 6
-        return ColumnType(avro, _loader(1184), _zoned_formatter(precision), f"timestamptz({precision})")
+        return ColumnType(
+            avro, _loader(1184), _zoned_formatter(precision), f"timestamptz({precision})"
+        )
     if type_oid == 1083:
         avro = _connect("long", "io.debezium.time.MicroTime")
         return ColumnType(avro, _loader(1083), _micro_time, "time")
@@ -197,7 +205,10 @@ def column_type(type_oid: int, type_modifier: int, *, where: str) -> ColumnType:
         def array_to_avro(values: list[Any]) -> list[Any]:
             return [None if v is None else convert(v) for v in values]
 
-        avro = {"type": "array", "items": ["null", element_avro if isinstance(element.avro, str) else element.avro]}
+        avro = {
+            "type": "array",
+            "items": ["null", element_avro if isinstance(element.avro, str) else element.avro],
+        }
         return ColumnType(avro, _loader(type_oid), array_to_avro, f"{element.pg_name}[]")
     raise UnsupportedTable(
         f"{where}: column type oid {type_oid} is not supported by capture "

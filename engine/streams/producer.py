@@ -75,7 +75,9 @@ class ChangeProducer:
                 if self._options["enable_idempotence"]
                 else ""
             )
-            raise DeliveryFailed(f"cannot start producing to {self._options['bootstrap_servers']}: {error}{hint}") from None
+            raise DeliveryFailed(
+                f"cannot start producing to {self._options['bootstrap_servers']}: {error}{hint}"
+            ) from None
 
     async def stop(self) -> None:
         if self._producer is not None:
@@ -107,7 +109,9 @@ class ChangeProducer:
             await self._submit(slot, builder)  # full: hand it over, start the next one
             builder = self._open[slot] = self._batch()
             if builder.append(timestamp=None, key=key, value=value, headers=headers or []) is None:
-                raise DeliveryFailed(f"message of {len(value or b'')} bytes exceeds the batch size ({topic})")
+                raise DeliveryFailed(
+                    f"message of {len(value or b'')} bytes exceeds the batch size ({topic})"
+                )
         self.sent += 1
 
     def _batch(self) -> BatchBuilder:
@@ -149,9 +153,12 @@ class ChangeProducer:
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             self._partition_counts.clear()
-            raise DeliveryFailed(f"{len(failures)} of {len(results)} batches not acknowledged: {failures[0]!r}")
+            raise DeliveryFailed(
+                f"{len(failures)} of {len(results)} batches not acknowledged: {failures[0]!r}"
+            )
         marks = self.high_offsets
         for metadata, (_future, topic, partition, count) in zip(results, pending, strict=True):
+            assert not isinstance(metadata, BaseException)  # failures were raised above
             last = metadata.offset + count - 1
             if last > marks.get((topic, partition), -1):
                 marks[(topic, partition)] = last

@@ -25,7 +25,9 @@ class ChangeMessage:
     headers: tuple[tuple[str, bytes], ...]
 
 
-def read_all(bootstrap_servers: str, topic: str) -> list[tuple[int, int, bytes | None, bytes | None, tuple[tuple[str, bytes], ...]]]:
+def read_all(
+    bootstrap_servers: str, topic: str
+) -> list[tuple[int, int, bytes | None, bytes | None, tuple[tuple[str, bytes], ...]]]:
     """Every message currently on ``topic``: (partition, offset, key, value, headers)."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False)
     try:
@@ -45,7 +47,15 @@ def read_all(bootstrap_servers: str, topic: str) -> list[tuple[int, int, bytes |
             idle_polls = 0 if batch else idle_polls + 1
             for records in batch.values():
                 for record in records:
-                    out.append((record.partition, record.offset, record.key, record.value, tuple(record.headers or ())))
+                    out.append(
+                        (
+                            record.partition,
+                            record.offset,
+                            record.key,
+                            record.value,
+                            tuple(record.headers or ()),
+                        )
+                    )
         return out
     finally:
         consumer.close()
@@ -67,7 +77,9 @@ async def read_changes(bootstrap_servers: str, topic: str) -> list[ChangeMessage
     for partition, offset, key, value, headers in read_all(bootstrap_servers, topic):
         decoded_key = await resolver.decode(key) if key is not None else None
         decoded_value = await resolver.decode(value) if value is not None else None
-        messages.append(ChangeMessage(topic, partition, offset, decoded_key, decoded_value, headers))
+        messages.append(
+            ChangeMessage(topic, partition, offset, decoded_key, decoded_value, headers)
+        )
     return messages
 
 

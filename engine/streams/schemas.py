@@ -36,8 +36,10 @@ SOURCE_SCHEMA: dict[str, Any] = {
                 {
                     "type": "string",
                     "connect.version": 1,
-                    "connect.parameters": {"allowed": "true,first,first_in_data_collection,"
-                    "last_in_data_collection,last,false,incremental"},
+                    "connect.parameters": {
+                        "allowed": "true,first,first_in_data_collection,"
+                        "last_in_data_collection,last,false,incremental"
+                    },
                     "connect.default": "false",
                     "connect.name": "io.debezium.data.Enum",
                 },
@@ -59,8 +61,20 @@ SOURCE_SCHEMA: dict[str, Any] = {
 }
 
 SOURCE_FIELD_ORDER = (
-    "version", "connector", "name", "ts_ms", "snapshot", "db", "sequence",
-    "ts_us", "ts_ns", "schema", "table", "txId", "lsn", "xmin",
+    "version",
+    "connector",
+    "name",
+    "ts_ms",
+    "snapshot",
+    "db",
+    "sequence",
+    "ts_us",
+    "ts_ns",
+    "schema",
+    "table",
+    "txId",
+    "lsn",
+    "xmin",
 )
 
 TRANSACTION_BLOCK_SCHEMA: dict[str, Any] = {
@@ -170,7 +184,11 @@ class EntitySchema:
                 {"name": "before", "type": ["null", self.value_schema], "default": None},
                 {"name": "after", "type": ["null", f"{namespace}.Value"], "default": None},
                 {"name": "source", "type": SOURCE_SCHEMA},
-                {"name": "transaction", "type": ["null", TRANSACTION_BLOCK_SCHEMA], "default": None},
+                {
+                    "name": "transaction",
+                    "type": ["null", TRANSACTION_BLOCK_SCHEMA],
+                    "default": None,
+                },
                 {"name": "op", "type": "string"},
                 {"name": "ts_ms", "type": ["null", "long"], "default": None},
                 {"name": "ts_us", "type": ["null", "long"], "default": None},

@@ -110,10 +110,15 @@ class LogicalSource:
                     self._dsn, autocommit=True, application_name=self._app_name
                 )
             except psycopg.OperationalError as error:
-                raise SourceUnreachable(f"org {self.spec.org}: source unreachable: {error}") from None
+                raise SourceUnreachable(
+                    f"org {self.spec.org}: source unreachable: {error}"
+                ) from None
             for json_type in ("json", "jsonb"):  # JSON travels as its text
                 self._conn.adapters.register_loader(json_type, TextLoader)
-            await self._conn.execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET synchronous_commit = on; SET IntervalStyle = 'iso_8601'; SET extra_float_digits = 3")
+            await self._conn.execute(
+                "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET synchronous_commit = on;"
+                " SET IntervalStyle = 'iso_8601'; SET extra_float_digits = 3"
+            )
         return self._conn
 
     async def close(self) -> None:
@@ -137,7 +142,8 @@ class LogicalSource:
         (wal_level,) = await (await conn.execute("SHOW wal_level")).fetchone()  # type: ignore[misc]
         if wal_level != "logical":
             raise SourceMisconfigured(
-                f"org {org}: source has wal_level={wal_level}; logical decoding needs wal_level=logical"
+                f"org {org}: source has wal_level={wal_level};"
+                " logical decoding needs wal_level=logical"
             )
         async with conn.transaction():
             # orgs sharing a source create the state schema concurrently: serialise them
@@ -149,7 +155,9 @@ class LogicalSource:
         await self._ensure_publication(conn)
         return columns
 
-    async def _columns(self, conn: psycopg.AsyncConnection[Any], entity: str, table: str) -> list[SourceColumn]:
+    async def _columns(
+        self, conn: psycopg.AsyncConnection[Any], entity: str, table: str
+    ) -> list[SourceColumn]:
         org = self.spec.org
         rows = await (
             await conn.execute(
@@ -167,7 +175,9 @@ class LogicalSource:
             )
         ).fetchall()
         if not rows:
-            raise UnsupportedTable(f"org {org}, entity {entity}: source table {table} does not exist")
+            raise UnsupportedTable(
+                f"org {org}, entity {entity}: source table {table} does not exist"
+            )
         result = [
             SourceColumn(name, oid, mod, key, not_null, type_name)
             for name, oid, mod, not_null, key, type_name in rows
@@ -181,13 +191,15 @@ class LogicalSource:
 
     async def _ensure_publication(self, conn: psycopg.AsyncConnection[Any]) -> None:
         tables = [*self.spec.entities.values(), SIGNAL_TABLE]
-        identifiers = sql.SQL(", ").join(
-            sql.Identifier(*table.split(".", 1)) for table in tables
-        )
+        identifiers = sql.SQL(", ").join(sql.Identifier(*table.split(".", 1)) for table in tables)
         exists = await (
-            await conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (self.spec.publication,))
+            await conn.execute(
+                "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.spec.publication,)
+            )
         ).fetchone()
-        verb = "ALTER PUBLICATION {} SET TABLE {}" if exists else "CREATE PUBLICATION {} FOR TABLE {}"
+        verb = (
+            "ALTER PUBLICATION {} SET TABLE {}" if exists else "CREATE PUBLICATION {} FOR TABLE {}"
+        )
         await conn.execute(sql.SQL(verb).format(sql.Identifier(self.spec.publication), identifiers))
 
     # -- slot --------------------------------------------------------------------------
@@ -203,7 +215,8 @@ class LogicalSource:
     async def drop_slot(self) -> None:
         conn = await self.connect()
         await conn.execute(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+            " WHERE slot_name = %s",
             (self.spec.slot_name,),
         )
 
@@ -215,7 +228,9 @@ class LogicalSource:
         try:
             holder = psycopg.connect(self._dsn, replication="database", autocommit=True)
         except psycopg.OperationalError as error:
-            raise SourceUnreachable(f"org {self.spec.org}: replication connection refused: {error}") from None
+            raise SourceUnreachable(
+                f"org {self.spec.org}: replication connection refused: {error}"
+            ) from None
         try:
             cursor = holder.execute(
                 sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')").format(
@@ -225,11 +240,15 @@ class LogicalSource:
             row = cursor.fetchone()
         except psycopg.Error as error:
             holder.close()
-            raise SourceMisconfigured(f"org {self.spec.org}: cannot create replication slot: {error}") from None
+            raise SourceMisconfigured(
+                f"org {self.spec.org}: cannot create replication slot: {error}"
+            ) from None
         assert row is not None
         return CreatedSlot(consistent_lsn=parse_lsn(row[1]), snapshot_name=row[2], holder=holder)
 
-    async def peek(self, max_changes: int, upto_lsn: int | None = None) -> list[tuple[int, int, bytes]]:
+    async def peek(
+        self, max_changes: int, upto_lsn: int | None = None
+    ) -> list[tuple[int, int, bytes]]:
         """Whole transactions after the slot's confirmed position: (lsn, xid, pgoutput bytes)."""
         conn = await self.connect()
         try:
@@ -264,7 +283,9 @@ class LogicalSource:
         """(insert, flush) positions of the source's WAL: decoding sees only flushed WAL."""
         conn = await self.connect()
         row = await (
-            await conn.execute("SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text")
+            await conn.execute(
+                "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text"
+            )
         ).fetchone()
         assert row is not None
         return parse_lsn(row[0]), parse_lsn(row[1])
@@ -273,7 +294,8 @@ class LogicalSource:
         """Confirm everything before ``lsn``: the server may recycle that WAL now."""
         conn = await self.connect()
         await conn.execute(
-            "SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", (self.spec.slot_name, format_lsn(lsn))
+            "SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
+            (self.spec.slot_name, format_lsn(lsn)),
         )
 
     async def confirmed_lsn(self) -> int | None:
@@ -291,7 +313,8 @@ class LogicalSource:
         conn = await self.connect()
         row = await (
             await conn.execute(
-                "SELECT epoch, consistent_lsn::text, snapshot_completed FROM fieldsync.capture_state WHERE org = %s",
+                "SELECT epoch, consistent_lsn::text, snapshot_completed"
+                " FROM fieldsync.capture_state WHERE org = %s",
                 (self.spec.org,),
             )
         ).fetchone()
@@ -306,12 +329,15 @@ class LogicalSource:
                 """
                 INSERT INTO fieldsync.capture_state (org, slot_name, epoch, consistent_lsn)
                 VALUES (%s, %s, %s, %s::pg_lsn)
-                ON CONFLICT (org) DO UPDATE SET slot_name = EXCLUDED.slot_name, epoch = EXCLUDED.epoch,
-                    consistent_lsn = EXCLUDED.consistent_lsn, snapshot_completed = false, updated_at = now()
+                ON CONFLICT (org) DO UPDATE SET slot_name = EXCLUDED.slot_name,
+                    epoch = EXCLUDED.epoch, consistent_lsn = EXCLUDED.consistent_lsn,
+                    snapshot_completed = false, updated_at = now()
                 """,
                 (self.spec.org, self.spec.slot_name, epoch, format_lsn(consistent_lsn)),
             )
-            await conn.execute("DELETE FROM fieldsync.capture_offsets WHERE org = %s", (self.spec.org,))
+            await conn.execute(
+                "DELETE FROM fieldsync.capture_offsets WHERE org = %s", (self.spec.org,)
+            )
         return epoch
 
     async def complete_snapshot(self, epoch: uuid.UUID) -> None:
@@ -319,13 +345,17 @@ class LogicalSource:
         conn = await self.connect()
         async with conn.transaction():
             await conn.execute(
-                "UPDATE fieldsync.capture_state SET snapshot_completed = true, updated_at = now() WHERE org = %s AND epoch = %s",
+                "UPDATE fieldsync.capture_state SET snapshot_completed = true, updated_at = now()"
+                " WHERE org = %s AND epoch = %s",
                 (self.spec.org, epoch),
             )
-            await conn.execute("DELETE FROM fieldsync.entity_snapshot WHERE org = %s", (self.spec.org,))
+            await conn.execute(
+                "DELETE FROM fieldsync.entity_snapshot WHERE org = %s", (self.spec.org,)
+            )
             async with conn.cursor() as cursor:
                 await cursor.executemany(
-                    "INSERT INTO fieldsync.entity_snapshot (org, entity, epoch, status) VALUES (%s, %s, %s, 'done')",
+                    "INSERT INTO fieldsync.entity_snapshot (org, entity, epoch, status)"
+                    " VALUES (%s, %s, %s, 'done')",
                     [(self.spec.org, entity, epoch) for entity in self.spec.entities],
                 )
 
@@ -339,16 +369,22 @@ class LogicalSource:
                 INSERT INTO fieldsync.capture_offsets (org, topic, partition, high_offset)
                 VALUES (%s, %s, %s, %s)
                 ON CONFLICT (org, topic, partition)
-                DO UPDATE SET high_offset = greatest(fieldsync.capture_offsets.high_offset, EXCLUDED.high_offset)
+                DO UPDATE SET high_offset = greatest(
+                    fieldsync.capture_offsets.high_offset, EXCLUDED.high_offset
+                )
                 """,
-                [(self.spec.org, topic, partition, offset) for (topic, partition), offset in marks.items()],
+                [
+                    (self.spec.org, topic, partition, offset)
+                    for (topic, partition), offset in marks.items()
+                ],
             )
 
     async def offset_marks(self) -> dict[tuple[str, int], int]:
         conn = await self.connect()
         rows = await (
             await conn.execute(
-                "SELECT topic, partition, high_offset FROM fieldsync.capture_offsets WHERE org = %s",
+                "SELECT topic, partition, high_offset FROM fieldsync.capture_offsets"
+                " WHERE org = %s",
                 (self.spec.org,),
             )
         ).fetchall()

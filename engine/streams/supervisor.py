@@ -8,6 +8,7 @@ logged with its code, until the operator fixes it and restarts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -31,7 +32,11 @@ class OrgStatus:
 
 
 async def supervise(
-    spec: CaptureSpec, settings: Settings, bootstrap_servers: str, stop: asyncio.Event, status: OrgStatus
+    spec: CaptureSpec,
+    settings: Settings,
+    bootstrap_servers: str,
+    stop: asyncio.Event,
+    status: OrgStatus,
 ) -> None:
     """Keep one org's capture running until ``stop``; park it on a non-retryable error."""
     pause = 0.5
@@ -56,16 +61,17 @@ async def supervise(
             status.restarts += 1
             log.warning("org %s: %s; retrying in %.1fs", spec.org, error, pause)
         except Exception as error:  # a bug must not take the other orgs down with it
-            status.state, status.error = "failed", f"[internal_error] {type(error).__name__}: {error}"
+            status.state, status.error = (
+                "failed",
+                f"[internal_error] {type(error).__name__}: {error}",
+            )
             log.exception("org %s: capture stopped by an unexpected error", spec.org)
             return
         finally:
             status.events += task.stats.events
             await task.close()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), pause)
-        except TimeoutError:
-            pass
         pause = min(pause * 2, 30.0)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 from kafka.admin import KafkaAdminClient, NewTopic
@@ -27,14 +28,22 @@ class TopicAdmin:
     """Creates and inspects topics (kafka-python's admin client: low rate, simple API)."""
 
     def __init__(self, bootstrap_servers: str, *, partitions: int, replication_factor: int) -> None:
-        self._admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="fieldsync-admin")
+        self._admin = KafkaAdminClient(
+            bootstrap_servers=bootstrap_servers, client_id="fieldsync-admin"
+        )
         self.partitions = partitions
         self.replication_factor = replication_factor
 
     def existing(self) -> set[str]:
         return set(self._admin.list_topics())
 
-    def ensure(self, topics: Iterable[str], *, compacted: Iterable[str] = (), partitions: dict[str, int] | None = None) -> None:
+    def ensure(
+        self,
+        topics: Iterable[str],
+        *,
+        compacted: Iterable[str] = (),
+        partitions: dict[str, int] | None = None,
+    ) -> None:
         """Create the topics that do not exist yet (compacted ones with cleanup.policy=compact)."""
         compact = set(compacted)
         wanted = set(topics) | compact
@@ -50,10 +59,9 @@ class TopicAdmin:
             )
             for name in missing
         ]
-        try:
+        # created concurrently by another worker: fine
+        with contextlib.suppress(TopicAlreadyExistsError):
             self._admin.create_topics(new)
-        except TopicAlreadyExistsError:
-            pass  # created concurrently by another worker: fine
 
     def delete(self, topics: Iterable[str]) -> None:
         present = sorted(set(topics) & self.existing())
