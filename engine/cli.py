@@ -144,6 +144,29 @@ def capture(
 
 
 @app.command()
+def projector(
+    org_file: Annotated[
+        list[Path] | None, typer.Option("--org-file", "-o", help="Register these orgs first (YAML/JSON).")
+    ] = None,
+) -> None:
+    """Run a projector worker: change topics → staging (start more for more throughput)."""
+    from engine.orgfile import load_org_registration
+    from engine.projections.app import register_org, run_worker
+
+    try:
+        settings = _settings()
+        _configure_logging(settings)
+        endpoints = resolve_endpoints(settings)
+        for path in org_file or []:
+            registration = load_org_registration(path)
+            register_org(endpoints.staging_dsn, registration.org, retention_days=registration.retention_days,
+                         debezium_topics=registration.debezium_topics)
+    except FieldSyncError as error:
+        raise _fail(error) from None
+    run_worker(settings, endpoints.bootstrap_servers, endpoints.staging_dsn)
+
+
+@app.command()
 def demo(
     accounts: Annotated[int, typer.Option(help="Sample size: number of accounts.")] = 2_000,
     churn_seconds: Annotated[

@@ -7,10 +7,10 @@ from typing import Any
 
 import orjson
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine.exceptions import ConfigError
-from engine.streams.spec import CaptureSpec
+from engine.streams.spec import CaptureSpec, OrgName
 
 SAMPLE_ENTITIES = {
     "business_unit": "crm.business_units",
@@ -22,6 +22,45 @@ SAMPLE_ENTITIES = {
     "opportunity": "crm.opportunities",
     "activity": "crm.activities",
 }
+
+
+class OrgRegistration(BaseModel):
+    """What the projector needs of an org file: the org, its retention, Debezium topic mapping."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    org: OrgName
+    retention_days: int = Field(default=30, ge=1, le=3650)
+    debezium_topics: dict[str, str] = Field(default_factory=dict)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"org file {path}: {error.strerror}") from None
+    try:
+        data: Any = orjson.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (orjson.JSONDecodeError, yaml.YAMLError) as error:
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise ConfigError(f"org file {path}: not valid {kind}: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"org file {path}: expected a mapping at the top level")
+    return data
+
+
+def _validation_problems(path: Path, error: ValidationError) -> ConfigError:
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in error.errors()
+    )
+    return ConfigError(f"org file {path}: {problems}")
+
+
+def load_org_registration(path: Path) -> OrgRegistration:
+    try:
+        return OrgRegistration.model_validate(_read(path))
+    except ValidationError as error:
+        raise _validation_problems(path, error) from None
 
 
 def load_capture_spec(path: Path, *, source_dsn: str | None = None) -> CaptureSpec:

@@ -1,0 +1,227 @@
+"""The faust-streaming projector app: consumer group, batching agent, topic refresh.
+
+Workers started with the same ``FIELDSYNC_PROJECTOR_GROUP`` share the change topics'
+partitions; a worker that stops hands its partitions to the others (consumer-group rebalance).
+The agent takes batches (``FIELDSYNC_PROJECTOR_BATCH_SIZE`` messages or
+``FIELDSYNC_PROJECTOR_BATCH_WITHIN_S`` seconds) and hands them to :class:`Projector`; faust
+acknowledges a batch only after it returned, and commits offsets after that.
+
+New topics. faust's pattern subscription does not work (faust-streaming issue #62) and adding
+topics at run time is not reliable, so a timer lists the broker's topics every
+``FIELDSYNC_PROJECTOR_TOPIC_REFRESH_S`` seconds; when change topics appeared, the worker
+re-executes itself with the wider subscription. That is safe by construction — state lives
+in staging and offsets, a restart is just a redelivery — and costs one rebalance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import faust
+import psycopg
+from kafka.admin import KafkaAdminClient
+
+from engine.config import Settings
+from engine.projections.decoding import EventDecoder, TopicRouter
+from engine.projections.metrics import METRICS
+from engine.projections.projector import COUNTS_DDL, DeadLetter, Projector, RawMessage
+from engine.streams.framing import (
+    SCHEMA_TOPIC,
+    ConfluentRegistry,
+    ConfluentResolver,
+    FingerprintResolver,
+)
+from engine.streams.reader import read_all
+from engine.streams.topics import TopicAdmin
+
+log = logging.getLogger("fieldsync.projector")
+
+CHANGE_TOPIC = re.compile(r"^fieldsync\.([a-z][a-z0-9_]{0,39})\.([a-z_][a-z0-9_]*)$")
+NOT_ENTITIES = {"transaction", "dlq", "heartbeat"}
+
+
+def change_topics(bootstrap_servers: str, extra: Sequence[str] = ()) -> list[str]:
+    """Every FieldSync change topic on the broker, plus mapped Debezium topics that exist."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="fieldsync-projector-admin")
+    try:
+        existing = set(admin.list_topics())
+    finally:
+        admin.close()
+    ours = {t for t in existing if (m := CHANGE_TOPIC.match(t)) and m.group(2) not in NOT_ENTITIES}
+    return sorted(ours | (set(extra) & existing))
+
+
+class OrgRegistry:
+    """The orgs the projector accepts, read from the control schema (refreshed by the timer)."""
+
+    def __init__(self, staging_dsn: str) -> None:
+        self._dsn = staging_dsn
+        self.orgs: set[str] = set()
+        self.debezium_topics: dict[str, tuple[str, str]] = {}
+
+    def refresh(self) -> None:
+        with psycopg.connect(self._dsn) as conn:
+            conn.execute(COUNTS_DDL)
+            rows = conn.execute("SELECT org, debezium_topics FROM fieldsync_control.orgs").fetchall()
+        self.orgs = {org for org, _ in rows}
+        self.debezium_topics = {
+            topic: (org, entity) for org, mapping in rows for topic, entity in (mapping or {}).items()
+        }
+
+
+def register_org(staging_dsn: str, org: str, *, retention_days: int = 30, debezium_topics: dict[str, str] | None = None) -> None:
+    """Make an org known to the projector (provisioning will own this; see docs)."""
+    import orjson
+
+    with psycopg.connect(staging_dsn) as conn:
+        conn.execute(COUNTS_DDL)
+        conn.execute(
+            """
+            INSERT INTO fieldsync_control.orgs (org, retention_days, debezium_topics) VALUES (%s, %s, %s)
+            ON CONFLICT (org) DO UPDATE SET retention_days = EXCLUDED.retention_days,
+                debezium_topics = EXCLUDED.debezium_topics
+            """,
+            (org, retention_days, orjson.dumps(debezium_topics or {}).decode()),
+        )
+
+
+def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> faust.App:
+    registry = OrgRegistry(staging_dsn)
+    registry.refresh()
+    subscribed = change_topics(bootstrap_servers, list(registry.debezium_topics))
+    if not subscribed:
+        raise SystemExit("no change topics on the broker yet: start capture (or provision an org) first")
+    app = faust.App(
+        settings.projector_group,
+        broker=";".join(f"kafka://{server}" for server in bootstrap_servers.split(",")),
+        value_serializer="raw",
+        key_serializer="raw",
+        store="memory://",
+        web_enabled=False,
+        topic_disable_leader=True,
+        topic_allow_declare=False,
+        consumer_auto_offset_reset="earliest",
+        broker_rebalance_timeout=settings.broker_rebalance_timeout_s,
+        broker_session_timeout=settings.broker_session_timeout_s,
+        broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
+        broker_commit_every=settings.projector_batch_size,
+        broker_max_poll_records=max(500, settings.projector_batch_size),
+        stream_buffer_maxsize=max(4096, settings.projector_batch_size * 2),
+        producer_acks=-1,
+        producer_max_request_size=max(settings.projector_max_message_bytes * 2, 1_048_576),
+    )
+    channel = app.topic(*subscribed, key_serializer="raw", value_serializer="raw", acks=True)
+    dead_topics: dict[str, faust.TopicT] = {}
+    known_schemas = FingerprintResolver(fetch_missing=lambda: _schemas_since(bootstrap_servers))
+    confluent = ConfluentResolver(ConfluentRegistry(settings.schema_registry_url)) if settings.schema_registry_url else None
+
+    router = TopicRouter(registry.debezium_topics)
+    decoder = EventDecoder(
+        router,
+        single_object=known_schemas,
+        confluent=confluent,
+        max_message_bytes=settings.projector_max_message_bytes,
+    )
+
+    async def send_dead_letters(letters: Sequence[DeadLetter]) -> None:
+        futures = []
+        for letter in letters:
+            topic = dead_topics.get(letter.topic)
+            if topic is None:
+                topic = dead_topics[letter.topic] = app.topic(letter.topic, key_serializer="raw", value_serializer="raw")
+                await asyncio.to_thread(_ensure_topic, bootstrap_servers, letter.topic, settings)
+            futures.append(
+                await topic.send(key=letter.message.key, value=letter.message.value, headers=letter.headers())
+            )
+        await app.producer.flush()
+        for future in futures:
+            await future
+
+    projector = Projector(staging_dsn, decoder, router, lambda: registry.orgs, send_dead_letters)
+
+    @app.agent(channel, concurrency=1)
+    async def project(stream: faust.StreamT[Any]) -> None:
+        async for events in stream.take_events(settings.projector_batch_size, within=settings.projector_batch_within_s):
+            messages = [
+                RawMessage(
+                    e.message.topic,
+                    e.message.partition,
+                    e.message.offset,
+                    e.message.key,
+                    e.message.value,
+                    tuple((k, bytes(v)) for k, v in (e.message.headers or [])),
+                )
+                for e in events
+            ]
+            report = await projector.handle(messages)
+            log.debug("batch of %d: applied %d, skipped %d, dead-lettered %d", report.consumed,
+                      report.applied, report.duplicates, report.dead_lettered)
+
+    @app.timer(settings.projector_topic_refresh_s)
+    async def refresh_topics() -> None:
+        await asyncio.to_thread(registry.refresh)
+        current = await asyncio.to_thread(change_topics, bootstrap_servers, list(registry.debezium_topics))
+        new = sorted(set(current) - set(subscribed))
+        if new:
+            log.info("new change topics %s: restarting the worker to subscribe", new)
+            _reexec()
+        _update_lag(app)
+
+    return app
+
+
+def _update_lag(app: faust.App) -> None:
+    consumer = app.consumer
+    for tp in consumer.assignment():
+        highwater = consumer.highwater(tp)
+        position = app.consumer._committed_offset.get(tp)  # noqa: SLF001 - faust keeps it private
+        if highwater is not None and position is not None:
+            METRICS.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position - 1))
+
+
+def _reexec() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.argv])  # noqa: S606 - the same command, again
+
+
+def _ensure_topic(bootstrap_servers: str, topic: str, settings: Settings) -> None:
+    admin = TopicAdmin(bootstrap_servers, partitions=1, replication_factor=settings.topic_replication_factor)
+    try:
+        admin.ensure([topic])
+    finally:
+        admin.close()
+
+
+async def _schemas_since(bootstrap_servers: str) -> dict[bytes, dict[str, Any]]:
+    """Schemas published on the schema topic (read whole; it is small and compacted)."""
+    import orjson
+
+    from engine.streams.framing import schema_fingerprint
+
+    found: dict[bytes, dict[str, Any]] = {}
+    for _p, _o, _key, value, _h in await asyncio.to_thread(read_all, bootstrap_servers, SCHEMA_TOPIC):
+        if value is not None:
+            schema = orjson.loads(value)
+            found[schema_fingerprint(schema)] = schema
+    return found
+
+
+def run_worker(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> None:
+    """Run one projector worker until SIGTERM/SIGINT."""
+    app = build_app(settings, bootstrap_servers, staging_dsn)
+    if settings.projector_metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.projector_metrics_port, addr="127.0.0.1")
+    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
+    worker.execute_from_commandline()
+
+
+__all__ = ["build_app", "change_topics", "register_org", "run_worker"]

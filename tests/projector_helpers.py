@@ -1,0 +1,61 @@
+"""Running projector workers as real processes, and comparing staging with the source."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+
+def projector_env(bootstrap: str, staging_dsn: str, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "FIELDSYNC_BOOTSTRAP_SERVERS": bootstrap,
+        "FIELDSYNC_STAGING_DSN": staging_dsn,
+        "FIELDSYNC_PRODUCER_IDEMPOTENCE": "false",
+        # the embedded broker waits out the rebalance timeout when a group forms
+        "FIELDSYNC_BROKER_REBALANCE_TIMEOUT_S": "5",
+        "FIELDSYNC_BROKER_SESSION_TIMEOUT_S": "10",
+        "FIELDSYNC_BROKER_HEARTBEAT_INTERVAL_S": "1",
+        "FIELDSYNC_PROJECTOR_TOPIC_REFRESH_S": "2",
+        **extra,
+    }
+
+
+def start_projector(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [str(Path(sys.executable).parent / "fieldsync"), "projector", *args], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            tail = log.read_text()[-4000:] if log and log.exists() else ""
+            raise AssertionError(f"timed out waiting for {what}\n{tail}")
+        time.sleep(0.25)
+
+
+def live_rows(dsn: str, query: str) -> dict[Any, tuple[Any, ...]]:
+    try:
+        with psycopg.connect(dsn) as conn:
+            return {row[0]: tuple(row[1:]) for row in conn.execute(query).fetchall()}
+    except psycopg.errors.UndefinedTable:
+        return {}
+
+
+def staging_matches_source(dsn: str, org: str, table: str, columns: str) -> Callable[[], bool]:
+    def check() -> bool:
+        staging = live_rows(dsn, f"SELECT {columns} FROM org_{org}.{table} WHERE NOT _fs_deleted")
+        source = live_rows(dsn, f"SELECT {columns} FROM public.{table}")
+        return staging == source
+
+    return check
