@@ -227,6 +227,55 @@ def schemas(
         raise _fail(error) from None
 
 
+dlq_app = typer.Typer(help="Dead letters: list them, replay them after a fix.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+
+
+def _dlq_topic(org: str | None) -> str:
+    from engine.streams.topics import dead_letter_topic
+
+    return dead_letter_topic(org)
+
+
+@dlq_app.command("list")
+def dlq_list(
+    org: Annotated[str | None, typer.Option(help="The org's dead letters; without: fieldsync.dlq.")] = None,
+    limit: Annotated[int, typer.Option(help="Letters to show.")] = 50,
+) -> None:
+    """Show dead letters with their reason and origin."""
+    from engine.projections.dlq import list_dead_letters
+
+    try:
+        letters = list_dead_letters(resolve_bootstrap(_settings()), _dlq_topic(org))
+    except FieldSyncError as error:
+        raise _fail(error) from None
+    table = Table(title=f"{_dlq_topic(org)}: {len(letters)} dead letters")
+    for column in ("at", "reason", "from", "detail"):
+        table.add_column(column)
+    for letter in letters[:limit]:
+        table.add_row(
+            f"{letter.partition}@{letter.offset}",
+            letter.reason,
+            f"{letter.source_topic}[{letter.source_partition}]@{letter.source_offset}",
+            letter.detail,
+        )
+    console.print(table)
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    org: Annotated[str | None, typer.Option(help="The org's dead letters; without: fieldsync.dlq.")] = None,
+) -> None:
+    """Send dead letters back to their topics (each once) after the cause was fixed."""
+    from engine.projections.dlq import replay
+
+    try:
+        count = replay(resolve_bootstrap(_settings()), _dlq_topic(org))
+    except FieldSyncError as error:
+        raise _fail(error) from None
+    console.print(f"replayed {count} dead letters from {_dlq_topic(org)}")
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context) -> None:
     """Run benchmarks (``fieldsync bench all``, ``fieldsync bench capture --quick``)."""
