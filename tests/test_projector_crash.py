@@ -24,14 +24,14 @@ CHANGES = 100_000
 KILLS = 20
 
 
-def _load(dsn: str, done: threading.Event, seconds: float) -> None:
-    """Updates (seq + 1), inserts and deletes in transactions of 1–100, paced over ``seconds``."""
+def _load(dsn: str, done: threading.Event, seconds: float, changes: int = CHANGES) -> None:
+    """Updates (seq + 1), inserts and deletes in transactions of 1-100, paced over ``seconds``."""
     rng = random.Random(33)
     next_key = KEYS
     with psycopg.connect(dsn) as conn:
         made, started = 0, time.monotonic()
-        while made < CHANGES:
-            size = min(rng.randint(1, 100), CHANGES - made)
+        while made < changes:
+            size = min(rng.randint(1, 100), changes - made)
             with conn.cursor() as cur:
                 for _ in range(size):
                     roll = rng.random()
@@ -44,7 +44,7 @@ def _load(dsn: str, done: threading.Event, seconds: float) -> None:
                         cur.execute("DELETE FROM t WHERE id = %s", (rng.randrange(next_key),))
             conn.commit()
             made += size
-            ahead = made / (CHANGES / seconds) - (time.monotonic() - started)
+            ahead = made / (changes / seconds) - (time.monotonic() - started)
             if ahead > 0:
                 time.sleep(ahead)
     done.set()
