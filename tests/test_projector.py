@@ -5,9 +5,11 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import httpx
 import psycopg
 
 from engine.projections.app import register_org
+from engine.runtime.embedded import free_port
 from engine.streams.spec import CaptureSpec
 from tests.capture_helpers import capture_once, new_org
 from tests.projector_helpers import projector_env, staging_matches_source, start_projector, wait_until
@@ -24,7 +26,10 @@ def test_changes_reach_staging(fresh_database: str, bootstrap_servers: str, tmp_
     capture_once(spec, bootstrap_servers)
     register_org(fresh_database, org)
     log = tmp_path / "projector.log"
-    worker = start_projector(projector_env(bootstrap_servers, fresh_database), log)
+    metrics_port = free_port()
+    worker = start_projector(
+        projector_env(bootstrap_servers, fresh_database, FIELDSYNC_PROJECTOR_METRICS_PORT=str(metrics_port)), log
+    )
     try:
         wait_until(staging_matches_source(fresh_database, org, "t", COLUMNS), 90, "snapshot in staging", log)
         with psycopg.connect(fresh_database, autocommit=True) as conn:
@@ -44,6 +49,11 @@ def test_changes_reach_staging(fresh_database: str, bootstrap_servers: str, tmp_
         assert versions == list(range(1, watermark + 1))
         consumed, applied, duplicates, dead = counts
         assert consumed == applied + duplicates + dead and dead == 0
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        assert f'fieldsync_projector_watermark{{entity="t",org="{org}"}} {watermark}.0' in metrics
+        assert "fieldsync_projector_events_total" in metrics
+        assert "fieldsync_projector_batch_size_bucket" in metrics
+        assert "fieldsync_projector_lag{" in metrics
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)

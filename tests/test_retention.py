@@ -396,11 +396,6 @@ def test_purge_waits_for_a_writer_that_alters_the_table(fresh_database: str) -> 
     assert outcome[0].entities == (EntityPurge("thing", 0, 3, 3, 1, 4),)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="staging dedups by the stored row's position; a purged tombstone no longer blocks "
-    "a redelivered older change of its key (needs a purged-position floor in staging)",
-)
 def test_a_redelivered_change_does_not_resurrect_a_purged_delete(
     conn: psycopg.Connection[Any],
 ) -> None:

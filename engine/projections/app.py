@@ -177,12 +177,13 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
 
 
 def _update_lag(app: faust.App) -> None:
+    """Messages between the last one read and the partition's end, per assigned partition."""
     consumer = app.consumer
     for tp in consumer.assignment():
         highwater = consumer.highwater(tp)
-        position = app.consumer._committed_offset.get(tp)  # noqa: SLF001 - faust keeps it private
-        if highwater is not None and position is not None:
-            METRICS.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position - 1))
+        read = consumer._read_offset.get(tp)  # faust keeps the read position private
+        if highwater is not None:
+            METRICS.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - (read or -1) - 1))
 
 
 def _reexec() -> None:

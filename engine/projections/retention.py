@@ -279,16 +279,29 @@ def _purge_entity(
     log_deleted = conn.execute(
         sql.SQL("DELETE FROM {} WHERE version <= %s").format(change_log), (new_horizon,)
     ).rowcount
-    tombstones_deleted = conn.execute(
-        sql.SQL("DELETE FROM {} WHERE _fs_deleted AND _fs_version <= %s").format(table),
+    purged = conn.execute(
+        sql.SQL(
+            "WITH gone AS (DELETE FROM {} WHERE _fs_deleted AND _fs_version <= %s"
+            " RETURNING _fs_commit_lsn, _fs_lsn)"
+            " SELECT (SELECT count(*) FROM gone),"
+            " (SELECT ARRAY[_fs_commit_lsn, _fs_lsn] FROM gone"
+            "  ORDER BY _fs_commit_lsn DESC, _fs_lsn DESC LIMIT 1)"
+        ).format(table),
         (new_horizon,),
-    ).rowcount
-    # step 5
+    ).fetchone()
+    assert purged is not None
+    tombstones_deleted, newest_purged = int(purged[0]), purged[1] or [0, 0]
+    # step 5: the horizon, and the newest purged delete's position, below which staging
+    # refuses changes of keys it no longer holds (they would resurrect purged deletes)
     conn.execute(
-        sql.SQL("UPDATE {} SET horizon_version = %s, horizon_at = %s WHERE entity = %s").format(
-            entities
-        ),
-        (new_horizon, now, entity),
+        sql.SQL(
+            "UPDATE {} SET horizon_version = %s, horizon_at = %s,"
+            " (purged_commit_lsn, purged_lsn) = (SELECT * FROM (VALUES (%s::bigint, %s::bigint)) v"
+            "  WHERE (v.column1, v.column2) > (purged_commit_lsn, purged_lsn)"
+            "  UNION ALL SELECT purged_commit_lsn, purged_lsn LIMIT 1)"
+            " WHERE entity = %s"
+        ).format(entities),
+        (new_horizon, now, newest_purged[0], newest_purged[1], entity),
     )
     return EntityPurge(entity, old_horizon, new_horizon, log_deleted, tombstones_deleted, watermark)
 

@@ -117,6 +117,8 @@ class Staging:
                     truncated_commit_lsn bigint NOT NULL DEFAULT 0,
                     truncated_lsn bigint NOT NULL DEFAULT 0,
                     horizon_version bigint NOT NULL DEFAULT 0,
+                    purged_commit_lsn bigint NOT NULL DEFAULT 0,
+                    purged_lsn bigint NOT NULL DEFAULT 0,
                     horizon_at timestamptz,
                     key_columns text[] NOT NULL,
                     updated_at timestamptz NOT NULL DEFAULT now()
@@ -234,9 +236,10 @@ class Staging:
                     result.duplicates = len(events)
                     return result
             # step 1: serialise writers of this entity
-            watermark, t_commit, t_lsn = self.conn.execute(  # type: ignore[misc]
+            watermark, t_commit, t_lsn, p_commit, p_lsn = self.conn.execute(  # type: ignore[misc]
                 sql.SQL(
-                    "SELECT version, truncated_commit_lsn, truncated_lsn FROM {}._fs_entities WHERE entity = %s FOR UPDATE"
+                    "SELECT version, truncated_commit_lsn, truncated_lsn, purged_commit_lsn, purged_lsn"
+                    " FROM {}._fs_entities WHERE entity = %s FOR UPDATE"
                 ).format(schema),
                 (entity,),
             ).fetchone()
@@ -251,7 +254,9 @@ class Staging:
             truncates = [e for e in events if e.op == "t"]
             applied_truncate = int(_newer_truncate)
             rows = [e for e in events if e.op != "t"]
-            newer, written = self._merge(org, entity, state, shape, rows, watermark, (t_commit, t_lsn))
+            newer, written = self._merge(
+                org, entity, state, shape, rows, watermark, (t_commit, t_lsn), (p_commit, p_lsn)
+            )
             result.applied = newer + applied_truncate
             result.duplicates = len(rows) - newer + len(truncates) - applied_truncate
             watermark += written
@@ -331,6 +336,7 @@ class Staging:
         events: list[ChangeEvent],
         watermark: int,
         truncated: tuple[int, int],
+        purged: tuple[int, int],
     ) -> tuple[int, int]:
         """Steps 4 and 5; returns (events newer than staging, rows written with a new version)."""
         if not events or shape is None:
@@ -374,10 +380,11 @@ class Staging:
                         event.epoch,
                     ]
                 )
-        return self._merge_statement(org, entity, state, shape, temp, watermark, truncated)
+        return self._merge_statement(org, entity, state, shape, temp, watermark, truncated, purged)
 
     def _merge_statement(
-        self, org: str, entity: str, state: _EntityState, shape: EntityShape, temp: str, watermark: int, truncated: tuple[int, int]
+        self, org: str, entity: str, state: _EntityState, shape: EntityShape, temp: str, watermark: int, truncated: tuple[int, int],
+        purged: tuple[int, int],
     ) -> tuple[int, int]:
         schema, table = sql.Identifier(org_schema(org)), sql.Identifier(entity)
         log = sql.Identifier(f"{entity}__log")
@@ -406,7 +413,10 @@ class Staging:
             ), newer AS (
                 SELECT i.*, c.{first_key} IS NOT NULL AS _existed
                 FROM {temp} i LEFT JOIN cur c ON {on_ic}
-                WHERE (c.{first_key} IS NULL OR (i._fs_commit_lsn, i._fs_lsn) > (c._fs_commit_lsn, c._fs_lsn))
+                -- newer than the stored row; a key staging no longer holds must be newer than the
+                -- newest purged delete (else it would resurrect a delete purged at the horizon)
+                WHERE ((c.{first_key} IS NULL AND (i._fs_commit_lsn, i._fs_lsn) > (%(pc)s, %(pl)s))
+                       OR (i._fs_commit_lsn, i._fs_lsn) > (c._fs_commit_lsn, c._fs_lsn))
                   AND (i._fs_commit_lsn, i._fs_lsn) > (%(tc)s, %(tl)s)
             ), newest AS (
                 SELECT DISTINCT ON ({key_list}) * FROM newer
@@ -446,7 +456,7 @@ class Staging:
             key_json=key_json, system=system,
             on_ic=on("i", "c"), on_tf=on("t", "f"), on_wf=on("w", "f"), on_wc=on("w", "c"),
         )
-        row = self.conn.execute(statement, {"wm": watermark, "tc": truncated[0], "tl": truncated[1]}).fetchone()
+        row = self.conn.execute(statement, {"wm": watermark, "tc": truncated[0], "tl": truncated[1], "pc": purged[0], "pl": purged[1]}).fetchone()
         assert row is not None
         return int(row[0]), int(row[1])
 
