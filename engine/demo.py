@@ -8,6 +8,13 @@ the source tables exactly.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
 import contextlib
 import threading
 import time
@@ -15,11 +22,15 @@ from collections.abc import Iterator
 
 import psycopg
 from pydantic import SecretStr
+from psycopg import sql
 from rich.console import Console
+from rich.table import Table
 
 from engine.config import Settings
 from engine.inspect import summary_table, topic_summary
 from engine.orgfile import SAMPLE_ENTITIES
+from engine.projections.app import register_org
+from engine.projections.staging import org_schema
 from engine.runtime.embedded import EmbeddedRuntime, RuntimeInfo
 from engine.runtime.endpoints import Endpoints, resolve_endpoints
 from engine.sample.generator import churn, create_source, fill
@@ -168,7 +179,79 @@ async def _capture(
         diff = {e: (source[e], replayed.get(e)) for e in source if source[e] != replayed.get(e)}
         console.print(f"[red]✗ topics and source differ (source, topics): {diff}[/]")
         raise SystemExit(1)
+    await asyncio.to_thread(_project, console, endpoints, spec, source)
     console.print(
         "Inspect further with [bold]fieldsync topics[/] and "
         f"[bold]fieldsync topics {change_topic(spec.org, 'account')}[/] (while `make up` runs)."
     )
+
+
+def _staging_counts(staging_dsn: str, spec: CaptureSpec) -> dict[str, tuple[int, int, int]]:
+    """Per entity: live rows, deleted rows, watermark (zeros while not projected yet)."""
+    counts = {}
+    with psycopg.connect(staging_dsn, autocommit=True) as conn:
+        for entity in spec.entities:
+            try:
+                live, deleted = conn.execute(  # type: ignore[misc]
+                    sql.SQL(
+                        "SELECT count(*) FILTER (WHERE NOT _fs_deleted), count(*) FILTER (WHERE _fs_deleted) FROM {}.{}"
+                    ).format(sql.Identifier(org_schema(spec.org)), sql.Identifier(entity))
+                ).fetchone()
+                (watermark,) = conn.execute(  # type: ignore[misc]
+                    sql.SQL("SELECT version FROM {}._fs_entities WHERE entity = %s").format(
+                        sql.Identifier(org_schema(spec.org))
+                    ),
+                    (entity,),
+                ).fetchone()
+            except (psycopg.errors.UndefinedTable, TypeError):
+                live, deleted, watermark = 0, 0, 0
+            counts[entity] = (live, deleted, watermark)
+    return counts
+
+
+def _project(console: Console, endpoints: Endpoints, spec: CaptureSpec, source: dict[str, int]) -> None:
+    """Run a projector worker until staging holds exactly the source's rows."""
+    with psycopg.connect(endpoints.staging_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(org_schema(spec.org))))
+    register_org(endpoints.staging_dsn, spec.org)
+    env = {
+        **os.environ,
+        "FIELDSYNC_BOOTSTRAP_SERVERS": endpoints.bootstrap_servers,
+        "FIELDSYNC_STAGING_DSN": endpoints.staging_dsn,
+        "FIELDSYNC_PROJECTOR_GROUP": f"fieldsync-demo-{uuid.uuid4().hex[:8]}",
+        "FIELDSYNC_BROKER_REBALANCE_TIMEOUT_S": "5",
+        "FIELDSYNC_BROKER_SESSION_TIMEOUT_S": "10",
+        "FIELDSYNC_BROKER_HEARTBEAT_INTERVAL_S": "1",
+        "FIELDSYNC_PRODUCER_IDEMPOTENCE": "false",
+    }
+    console.print("Starting a projector worker (faust) into staging schema "
+                  f"[bold]{org_schema(spec.org)}[/]…")
+    started = time.perf_counter()
+    log_path = Path(tempfile.gettempdir()) / f"fieldsync-demo-projector-{os.getpid()}.log"
+    with log_path.open("wb") as log_file:  # a file, not a pipe: nobody drains a pipe while we wait
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "engine", "projector"], env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            counts = _staging_counts(endpoints.staging_dsn, spec)
+            if {e: c[0] for e, c in counts.items()} == source:
+                break
+            if worker.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text(errors="replace")[-3000:]
+                raise SystemExit(f"projector did not converge: {counts}\n{tail}")
+            time.sleep(0.5)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    table = Table(title=f"Staging {org_schema(spec.org)} ({time.perf_counter() - started:.1f}s incl. worker start)")
+    for column in ("entity", "rows", "deleted (kept until the horizon)", "watermark"):
+        table.add_column(column, justify="left" if column == "entity" else "right")
+    for entity, (live, deleted, watermark) in counts.items():
+        table.add_row(entity, str(live), str(deleted), str(watermark))
+    console.print(table)
+    console.print(f"[green]✓[/] staging equals the source: {sum(source.values())} rows in {len(source)} entities")

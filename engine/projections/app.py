@@ -29,6 +29,7 @@ from kafka.admin import KafkaAdminClient
 
 from engine.config import Settings
 from engine.projections.decoding import EventDecoder, TopicRouter
+from engine.projections.exceptions import SchemaUnavailable
 from engine.projections.metrics import METRICS
 from engine.projections.projector import COUNTS_DDL, DeadLetter, Projector, RawMessage
 from engine.streams.framing import (
@@ -159,7 +160,7 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
                 )
                 for e in events
             ]
-            report = await projector.handle(messages)
+            report = await _handle_until_done(projector, messages)
             log.debug("batch of %d: applied %d, skipped %d, dead-lettered %d", report.consumed,
                       report.applied, report.duplicates, report.dead_lettered)
 
@@ -174,6 +175,24 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
         _update_lag(app)
 
     return app
+
+
+async def _handle_until_done(projector: Projector, messages: list[RawMessage]) -> Any:
+    """Retry a batch while its failure is one that waiting fixes (database or registry down);
+    on anything else exit, so the restarted worker resumes from the committed offsets instead
+    of faust restarting the agent past a batch that was never applied."""
+    pause = 0.5
+    while True:
+        try:
+            return await projector.handle(messages)
+        except (psycopg.OperationalError, SchemaUnavailable) as error:
+            log.warning("batch not applied (%s); retrying in %.1fs", error, pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 10.0)
+        except Exception:
+            log.exception("projector stopped by an unexpected error; exiting for a clean restart")
+            sys.stderr.flush()
+            os._exit(70)
 
 
 def _update_lag(app: faust.App) -> None:

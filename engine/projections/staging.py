@@ -391,7 +391,11 @@ class Staging:
         keys = [sql.Identifier(k) for k in state.keys]
         on = lambda a, b: sql.SQL(" AND ").join(sql.SQL("{}.{} = {}.{}").format(sql.Identifier(a), k, sql.Identifier(b), k) for k in keys)  # noqa: E731
         value_columns = [c for c in shape.columns if not c.is_key]
-        cast = lambda c: sql.SQL("f.{}::{}").format(sql.Identifier(c.name), sql.SQL(state.columns.get(c.name, c.pg_type)))  # noqa: E731
+        cast = lambda c: sql.SQL("f.{}").format(sql.Identifier(c.name))  # noqa: E731
+        typed = sql.SQL(", ").join(
+            sql.SQL("{0}::{1} AS {0}").format(sql.Identifier(c.name), sql.SQL(state.columns.get(c.name, c.pg_type)))
+            for c in shape.columns
+        )
         sets = sql.SQL(", ").join(
             sql.SQL("{col} = CASE WHEN f._fs_op = 'd' OR {name} = ANY(coalesce(f._fs_unavailable, '{{}}')) THEN t.{col} ELSE {value} END").format(
                 col=sql.Identifier(c.name), name=sql.Literal(c.name), value=cast(c)
@@ -407,12 +411,15 @@ class Staging:
         key_json = sql.SQL(", ").join(sql.SQL("{}, w.{}").format(sql.Literal(k), sql.Identifier(k)) for k in state.keys)
         statement = sql.SQL(
             """
-            WITH cur AS (
-                SELECT t.* FROM {schema}.{table} t WHERE ({key_list}) IN (SELECT {key_list} FROM {temp})
+            WITH incoming AS (
+                SELECT {typed}, _fs_op, _fs_unavailable, _fs_commit_lsn, _fs_lsn, _fs_changed_at, _fs_epoch
+                FROM {temp}
+            ), cur AS (
+                SELECT t.* FROM {schema}.{table} t WHERE ({key_list}) IN (SELECT {key_list} FROM incoming)
                 FOR UPDATE OF t
             ), newer AS (
                 SELECT i.*, c.{first_key} IS NOT NULL AS _existed
-                FROM {temp} i LEFT JOIN cur c ON {on_ic}
+                FROM incoming i LEFT JOIN cur c ON {on_ic}
                 -- newer than the stored row; a key staging no longer holds must be newer than the
                 -- newest purged delete (else it would resurrect a delete purged at the horizon)
                 WHERE ((c.{first_key} IS NULL AND (i._fs_commit_lsn, i._fs_lsn) > (%(pc)s, %(pl)s))
@@ -451,7 +458,7 @@ class Staging:
                    (SELECT count(*) FROM logged)
             """
         ).format(
-            schema=schema, table=table, log=log, temp=sql.Identifier(temp), sets=sets,
+            schema=schema, table=table, log=log, temp=sql.Identifier(temp), sets=sets, typed=typed,
             first_key=keys[0], key_list=sql.SQL(", ").join(keys), insert_columns=insert_columns, insert_values=insert_values,
             key_json=key_json, system=system,
             on_ic=on("i", "c"), on_tf=on("t", "f"), on_wf=on("w", "f"), on_wc=on("w", "c"),
