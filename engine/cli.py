@@ -146,7 +146,8 @@ def capture(
 @app.command()
 def projector(
     org_file: Annotated[
-        list[Path] | None, typer.Option("--org-file", "-o", help="Register these orgs first (YAML/JSON).")
+        list[Path] | None,
+        typer.Option("--org-file", "-o", help="Register these orgs first (YAML/JSON)."),
     ] = None,
 ) -> None:
     """Run a projector worker: change topics → staging (start more for more throughput)."""
@@ -159,8 +160,12 @@ def projector(
         endpoints = resolve_endpoints(settings)
         for path in org_file or []:
             registration = load_org_registration(path)
-            register_org(endpoints.staging_dsn, registration.org, retention_days=registration.retention_days,
-                         debezium_topics=registration.debezium_topics)
+            register_org(
+                endpoints.staging_dsn,
+                registration.org,
+                retention_days=registration.retention_days,
+                debezium_topics=registration.debezium_topics,
+            )
     except FieldSyncError as error:
         raise _fail(error) from None
     run_worker(settings, endpoints.bootstrap_servers, endpoints.staging_dsn)
@@ -227,7 +232,9 @@ def schemas(
         raise _fail(error) from None
 
 
-dlq_app = typer.Typer(help="Dead letters: list them, replay them after a fix.", no_args_is_help=True)
+dlq_app = typer.Typer(
+    help="Dead letters: list them, replay them after a fix.", no_args_is_help=True
+)
 app.add_typer(dlq_app, name="dlq")
 
 
@@ -239,7 +246,9 @@ def _dlq_topic(org: str | None) -> str:
 
 @dlq_app.command("list")
 def dlq_list(
-    org: Annotated[str | None, typer.Option(help="The org's dead letters; without: fieldsync.dlq.")] = None,
+    org: Annotated[
+        str | None, typer.Option(help="The org's dead letters; without: fieldsync.dlq.")
+    ] = None,
     limit: Annotated[int, typer.Option(help="Letters to show.")] = 50,
 ) -> None:
     """Show dead letters with their reason and origin."""
@@ -264,7 +273,9 @@ def dlq_list(
 
 @dlq_app.command("replay")
 def dlq_replay(
-    org: Annotated[str | None, typer.Option(help="The org's dead letters; without: fieldsync.dlq.")] = None,
+    org: Annotated[
+        str | None, typer.Option(help="The org's dead letters; without: fieldsync.dlq.")
+    ] = None,
 ) -> None:
     """Send dead letters back to their topics (each once) after the cause was fixed."""
     from engine.projections.dlq import replay

@@ -63,14 +63,18 @@ class Settings(BaseSettings):
     capture_heartbeat_interval_s: float = Field(default=10.0, gt=0)
     snapshot_chunk_rows: int = Field(default=5_000, ge=1)
 
-    projector_group: str = Field(default="fieldsync-projector", description="Consumer group of projector workers.")
+    projector_group: str = Field(
+        default="fieldsync-projector", description="Consumer group of projector workers."
+    )
     projector_batch_size: int = Field(default=2_000, ge=1, le=100_000)
     projector_batch_within_s: float = Field(default=0.2, gt=0, le=60)
     projector_topic_refresh_s: float = Field(default=5.0, gt=0)
     projector_max_message_bytes: int = Field(default=1_048_576, ge=1024)
     projector_metrics_port: int | None = Field(default=None, ge=1, le=65535)
     broker_rebalance_timeout_s: float = Field(
-        default=60.0, gt=0, description="Consumer-group rebalance timeout (the embedded broker waits it out: use ~5)."
+        default=60.0,
+        gt=0,
+        description="Consumer-group rebalance timeout (the embedded broker waits it out: use ~5).",
     )
     broker_session_timeout_s: float = Field(default=30.0, gt=0)
     broker_heartbeat_interval_s: float = Field(default=3.0, gt=0)

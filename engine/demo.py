@@ -8,21 +8,21 @@ the source tables exactly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import tempfile
-import uuid
-from pathlib import Path
-import contextlib
 import threading
 import time
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
-from pydantic import SecretStr
 from psycopg import sql
+from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
 
@@ -194,7 +194,8 @@ def _staging_counts(staging_dsn: str, spec: CaptureSpec) -> dict[str, tuple[int,
             try:
                 live, deleted = conn.execute(  # type: ignore[misc]
                     sql.SQL(
-                        "SELECT count(*) FILTER (WHERE NOT _fs_deleted), count(*) FILTER (WHERE _fs_deleted) FROM {}.{}"
+                        "SELECT count(*) FILTER (WHERE NOT _fs_deleted),"
+                        " count(*) FILTER (WHERE _fs_deleted) FROM {}.{}"
                     ).format(sql.Identifier(org_schema(spec.org)), sql.Identifier(entity))
                 ).fetchone()
                 (watermark,) = conn.execute(  # type: ignore[misc]
@@ -209,10 +210,14 @@ def _staging_counts(staging_dsn: str, spec: CaptureSpec) -> dict[str, tuple[int,
     return counts
 
 
-def _project(console: Console, endpoints: Endpoints, spec: CaptureSpec, source: dict[str, int]) -> None:
+def _project(
+    console: Console, endpoints: Endpoints, spec: CaptureSpec, source: dict[str, int]
+) -> None:
     """Run a projector worker until staging holds exactly the source's rows."""
     with psycopg.connect(endpoints.staging_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(org_schema(spec.org))))
+        conn.execute(
+            sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(org_schema(spec.org)))
+        )
     register_org(endpoints.staging_dsn, spec.org)
     env = {
         **os.environ,
@@ -224,13 +229,17 @@ def _project(console: Console, endpoints: Endpoints, spec: CaptureSpec, source: 
         "FIELDSYNC_BROKER_HEARTBEAT_INTERVAL_S": "1",
         "FIELDSYNC_PRODUCER_IDEMPOTENCE": "false",
     }
-    console.print("Starting a projector worker (faust) into staging schema "
-                  f"[bold]{org_schema(spec.org)}[/]…")
+    console.print(
+        f"Starting a projector worker (faust) into staging schema [bold]{org_schema(spec.org)}[/]…"
+    )
     started = time.perf_counter()
     log_path = Path(tempfile.gettempdir()) / f"fieldsync-demo-projector-{os.getpid()}.log"
     with log_path.open("wb") as log_file:  # a file, not a pipe: nobody drains a pipe while we wait
         worker = subprocess.Popen(
-            [sys.executable, "-m", "engine", "projector"], env=env, stdout=log_file, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "engine", "projector"],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
         )
     try:
         deadline = time.monotonic() + 180
@@ -248,10 +257,16 @@ def _project(console: Console, endpoints: Endpoints, spec: CaptureSpec, source: 
             worker.wait(timeout=30)
         except subprocess.TimeoutExpired:
             worker.kill()
-    table = Table(title=f"Staging {org_schema(spec.org)} ({time.perf_counter() - started:.1f}s incl. worker start)")
+    table = Table(
+        title=f"Staging {org_schema(spec.org)}"
+        f" ({time.perf_counter() - started:.1f}s incl. worker start)"
+    )
     for column in ("entity", "rows", "deleted (kept until the horizon)", "watermark"):
         table.add_column(column, justify="left" if column == "entity" else "right")
     for entity, (live, deleted, watermark) in counts.items():
         table.add_row(entity, str(live), str(deleted), str(watermark))
     console.print(table)
-    console.print(f"[green]✓[/] staging equals the source: {sum(source.values())} rows in {len(source)} entities")
+    console.print(
+        f"[green]✓[/] staging equals the source: {sum(source.values())} rows"
+        f" in {len(source)} entities"
+    )

@@ -31,11 +31,16 @@ def projector_env(bootstrap: str, staging_dsn: str, **extra: str) -> dict[str, s
 def start_projector(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
-            [str(Path(sys.executable).parent / "fieldsync"), "projector", *args], env=env, stdout=out, stderr=subprocess.STDOUT
+            [str(Path(sys.executable).parent / "fieldsync"), "projector", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str, log: Path | None = None) -> None:
+def wait_until(
+    condition: Callable[[], bool], timeout: float, what: str, log: Path | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:

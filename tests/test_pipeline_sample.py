@@ -22,7 +22,8 @@ def _source_columns(conn: psycopg.Connection, table: str) -> list[str]:
     return [
         r[0]
         for r in conn.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position",
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position",
             (schema, name),
         )
     ]
@@ -33,7 +34,11 @@ def _identical(dsn: str, org: str) -> bool:
         for entity, table in SAMPLE_ENTITIES.items():
             columns = _source_columns(conn, table)
             select = sql.SQL(", ").join(map(sql.Identifier, columns))
-            source = conn.execute(sql.SQL("SELECT {} FROM {} ORDER BY 1, 2").format(select, sql.Identifier(*table.split(".")))).fetchall()
+            source = conn.execute(
+                sql.SQL("SELECT {} FROM {} ORDER BY 1, 2").format(
+                    select, sql.Identifier(*table.split("."))
+                )
+            ).fetchall()
             try:
                 staging = conn.execute(
                     sql.SQL("SELECT {} FROM {}.{} WHERE NOT _fs_deleted ORDER BY 1, 2").format(
@@ -47,7 +52,9 @@ def _identical(dsn: str, org: str) -> bool:
     return True
 
 
-def test_sample_source_reaches_staging_exactly(fresh_database: str, bootstrap_servers: str, tmp_path: Path) -> None:
+def test_sample_source_reaches_staging_exactly(
+    fresh_database: str, bootstrap_servers: str, tmp_path: Path
+) -> None:
     create_source(fresh_database)
     fill(fresh_database, accounts=60, seed=3)
     org = new_org()
@@ -59,7 +66,9 @@ def test_sample_source_reaches_staging_exactly(fresh_database: str, bootstrap_se
     log = tmp_path / "projector.log"
     worker = start_projector(projector_env(bootstrap_servers, fresh_database), log)
     try:
-        wait_until(lambda: _identical(fresh_database, org), 120, "staging identical to the source", log)
+        wait_until(
+            lambda: _identical(fresh_database, org), 120, "staging identical to the source", log
+        )
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)

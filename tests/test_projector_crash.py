@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -16,7 +15,12 @@ import pytest
 from engine.projections.app import register_org
 from engine.streams.spec import CaptureSpec
 from tests.capture_helpers import capture_once, new_org
-from tests.projector_helpers import projector_env, staging_matches_source, start_projector, wait_until
+from tests.projector_helpers import (
+    projector_env,
+    staging_matches_source,
+    start_projector,
+    wait_until,
+)
 from tests.test_capture_crash import _start_capture
 
 KEYS = 2_000
@@ -36,7 +40,9 @@ def _load(dsn: str, done: threading.Event, seconds: float, changes: int = CHANGE
                 for _ in range(size):
                     roll = rng.random()
                     if roll < 0.8:
-                        cur.execute("UPDATE t SET seq = seq + 1 WHERE id = %s", (rng.randrange(next_key),))
+                        cur.execute(
+                            "UPDATE t SET seq = seq + 1 WHERE id = %s", (rng.randrange(next_key),)
+                        )
                     elif roll < 0.9:
                         cur.execute("INSERT INTO t VALUES (%s, 0, 'new')", (next_key,))
                         next_key += 1
@@ -53,17 +59,25 @@ def _load(dsn: str, done: threading.Event, seconds: float, changes: int = CHANGE
 def _consumed(dsn: str, org: str) -> int:
     try:
         with psycopg.connect(dsn) as conn:
-            row = conn.execute("SELECT coalesce(sum(consumed), 0) FROM fieldsync_control.projection_counts WHERE org = %s", (org,)).fetchone()
+            row = conn.execute(
+                "SELECT coalesce(sum(consumed), 0)"
+                " FROM fieldsync_control.projection_counts WHERE org = %s",
+                (org,),
+            ).fetchone()
             return int(row[0]) if row else 0
     except psycopg.errors.UndefinedTable:
         return 0
 
 
 @pytest.mark.slow
-def test_sigkill_projector_mid_batch(fresh_database: str, bootstrap_servers: str, tmp_path: Path) -> None:
+def test_sigkill_projector_mid_batch(
+    fresh_database: str, bootstrap_servers: str, tmp_path: Path
+) -> None:
     with psycopg.connect(fresh_database, autocommit=True) as conn:
         conn.execute("CREATE TABLE t (id int PRIMARY KEY, seq int NOT NULL, pad text)")
-        conn.execute("INSERT INTO t SELECT i, 0, repeat('p', 50) FROM generate_series(0, %s) i", (KEYS - 1,))
+        conn.execute(
+            "INSERT INTO t SELECT i, 0, repeat('p', 50) FROM generate_series(0, %s) i", (KEYS - 1,)
+        )
     org = new_org()
     spec = CaptureSpec(org=org, source_dsn=fresh_database, entities={"t": "public.t"})
     capture_once(spec, bootstrap_servers)
@@ -72,8 +86,10 @@ def test_sigkill_projector_mid_batch(fresh_database: str, bootstrap_servers: str
     org_file.write_text(f"org: {org}\nsource_dsn: '{fresh_database}'\nentities:\n  t: public.t\n")
     capture_log, projector_log = tmp_path / "capture.log", tmp_path / "projector.log"
     env = projector_env(
-        bootstrap_servers, fresh_database,
-        FIELDSYNC_BROKER_REBALANCE_TIMEOUT_S="3", FIELDSYNC_BROKER_SESSION_TIMEOUT_S="6",
+        bootstrap_servers,
+        fresh_database,
+        FIELDSYNC_BROKER_REBALANCE_TIMEOUT_S="3",
+        FIELDSYNC_BROKER_SESSION_TIMEOUT_S="6",
         FIELDSYNC_PROJECTOR_BATCH_SIZE="1000",
     )
 
@@ -87,7 +103,12 @@ def test_sigkill_projector_mid_batch(fresh_database: str, bootstrap_servers: str
     try:
         while kills < KILLS:
             before = _consumed(fresh_database, org)
-            wait_until(lambda: _consumed(fresh_database, org) > before, 120, "the projector to apply a batch", projector_log)
+            wait_until(
+                lambda before=before: _consumed(fresh_database, org) > before,
+                120,
+                "the projector to apply a batch",
+                projector_log,
+            )
             time.sleep(rng.uniform(0.0, 0.4))  # somewhere inside the next batches
             worker.send_signal(signal.SIGKILL)
             worker.wait()
@@ -96,9 +117,16 @@ def test_sigkill_projector_mid_batch(fresh_database: str, bootstrap_servers: str
         loader.join()
         capture.send_signal(signal.SIGTERM)
         capture.wait(timeout=60)
-        final_capture = _start_capture(org_file, bootstrap_servers, capture_log, "--until-caught-up")
+        final_capture = _start_capture(
+            org_file, bootstrap_servers, capture_log, "--until-caught-up"
+        )
         assert final_capture.wait(timeout=300) == 0
-        wait_until(staging_matches_source(fresh_database, org, "t", "id, seq, pad"), 300, "staging = source", projector_log)
+        wait_until(
+            staging_matches_source(fresh_database, org, "t", "id, seq, pad"),
+            300,
+            "staging = source",
+            projector_log,
+        )
     finally:
         for process in (worker, capture):
             if process.poll() is None:
@@ -108,16 +136,26 @@ def test_sigkill_projector_mid_batch(fresh_database: str, bootstrap_servers: str
     assert done.is_set() and kills == KILLS
 
     with psycopg.connect(fresh_database) as conn:
-        watermark = conn.execute(f"SELECT version FROM org_{org}._fs_entities WHERE entity = 't'").fetchone()[0]
-        versions = [v for (v,) in conn.execute(f"SELECT version FROM org_{org}.t__log ORDER BY version")]
+        watermark = conn.execute(
+            f"SELECT version FROM org_{org}._fs_entities WHERE entity = 't'"
+        ).fetchone()[0]
+        versions = [
+            v for (v,) in conn.execute(f"SELECT version FROM org_{org}.t__log ORDER BY version")
+        ]
         twice = conn.execute(
-            f"SELECT count(*) FROM (SELECT key, commit_lsn, lsn FROM org_{org}.t__log GROUP BY 1, 2, 3 HAVING count(*) > 1) d"
+            f"SELECT count(*) FROM (SELECT key, commit_lsn, lsn FROM org_{org}.t__log"
+            " GROUP BY 1, 2, 3 HAVING count(*) > 1) d"
         ).fetchone()[0]
         consumed, applied, skipped, dead = conn.execute(
-            "SELECT consumed, applied, duplicates, dead_lettered FROM fieldsync_control.projection_counts WHERE org = %s", (org,)
+            "SELECT consumed, applied, duplicates, dead_lettered"
+            " FROM fieldsync_control.projection_counts WHERE org = %s",
+            (org,),
         ).fetchone()
     assert twice == 0, "a change was applied twice"
     assert versions == list(range(1, watermark + 1)), "the change log has gaps or repeats"
     assert consumed == applied + skipped + dead and dead == 0
     assert skipped > 0, "redelivery after the kills was skipped as duplicates"
-    print(f"kills={kills} consumed={consumed} applied={applied} skipped={skipped} watermark={watermark}")
+    print(
+        f"kills={kills} consumed={consumed} applied={applied} skipped={skipped}"
+        f" watermark={watermark}"
+    )

@@ -21,7 +21,9 @@ def _raw(name: str) -> bytes:
     return (DATA / name).read_bytes().rstrip(b"\n")
 
 
-def test_debezium_json_topics_project(fresh_database: str, bootstrap_servers: str, tmp_path: Path) -> None:
+def test_debezium_json_topics_project(
+    fresh_database: str, bootstrap_servers: str, tmp_path: Path
+) -> None:
     org = new_org()
     persons, widgets = f"pg{org}.public.persons", f"cqrs{org}.public.widgets"
     admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
@@ -30,11 +32,22 @@ def test_debezium_json_topics_project(fresh_database: str, bootstrap_servers: st
     register_org(fresh_database, org, debezium_topics={persons: "person", widgets: "widget"})
 
     create = json.loads(_raw("pg_persons_2.7.1_create.value.json"))
-    update = {"schema": create["schema"], "payload": json.loads(_raw("pg_persons_2.7.1_update.payload.json"))}
+    update = {
+        "schema": create["schema"],
+        "payload": json.loads(_raw("pg_persons_2.7.1_update.payload.json")),
+    }
     key_schema = json.loads(_raw("pg_persons_2.7.1_create.key.json"))["schema"]
     producer = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all")
-    producer.send(persons, key=_raw("pg_persons_2.7.1_create.key.json"), value=_raw("pg_persons_2.7.1_create.value.json"))
-    producer.send(persons, key=json.dumps({"schema": key_schema, "payload": {"id": 1}}).encode(), value=json.dumps(update).encode())
+    producer.send(
+        persons,
+        key=_raw("pg_persons_2.7.1_create.key.json"),
+        value=_raw("pg_persons_2.7.1_create.value.json"),
+    )
+    producer.send(
+        persons,
+        key=json.dumps({"schema": key_schema, "payload": {"id": 1}}).encode(),
+        value=json.dumps(update).encode(),
+    )
     for name in ("create", "update", "delete"):
         producer.send(widgets, key=b'{"id":"w1"}', value=_raw(f"cqrs_widgets_2.7.3_{name}.json"))
     producer.send(widgets, key=b'{"id":"w1"}', value=None)  # Debezium's tombstone after the delete
@@ -45,13 +58,25 @@ def test_debezium_json_topics_project(fresh_database: str, bootstrap_servers: st
     worker = start_projector(projector_env(bootstrap_servers, fresh_database), log)
     try:
         wait_until(
-            lambda: live_rows(fresh_database, f"SELECT id, name, age FROM org_{org}.person WHERE NOT _fs_deleted")
-            == {1: ("Tom", 30), 2: ("Paul", 25)},
-            90, "Debezium JSON with schema in staging", log,
+            lambda: (
+                live_rows(
+                    fresh_database,
+                    f"SELECT id, name, age FROM org_{org}.person WHERE NOT _fs_deleted",
+                )
+                == {1: ("Tom", 30), 2: ("Paul", 25)}
+            ),
+            90,
+            "Debezium JSON with schema in staging",
+            log,
         )
         wait_until(
-            lambda: live_rows(fresh_database, f"SELECT id, _fs_deleted FROM org_{org}.widget") == {"w1": (True,)},
-            30, "schemaless Debezium JSON in staging", log,
+            lambda: (
+                live_rows(fresh_database, f"SELECT id, _fs_deleted FROM org_{org}.widget")
+                == {"w1": (True,)}
+            ),
+            30,
+            "schemaless Debezium JSON in staging",
+            log,
         )
     finally:
         worker.send_signal(signal.SIGTERM)
@@ -64,6 +89,10 @@ def test_debezium_json_topics_project(fresh_database: str, bootstrap_servers: st
         )
     )
     assert types == {
-        "person.id": ("integer",), "person.name": ("text",), "person.age": ("integer",),
-        "widget.id": ("text",), "widget.name": ("text",), "widget.active": ("boolean",),
+        "person.id": ("integer",),
+        "person.name": ("text",),
+        "person.age": ("integer",),
+        "widget.id": ("text",),
+        "widget.name": ("text",),
+        "widget.active": ("boolean",),
     }

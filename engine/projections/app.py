@@ -49,7 +49,9 @@ NOT_ENTITIES = {"transaction", "dlq", "heartbeat"}
 
 def change_topics(bootstrap_servers: str, extra: Sequence[str] = ()) -> list[str]:
     """Every FieldSync change topic on the broker, plus mapped Debezium topics that exist."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="fieldsync-projector-admin")
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap_servers, client_id="fieldsync-projector-admin"
+    )
     try:
         existing = set(admin.list_topics())
     finally:
@@ -69,14 +71,24 @@ class OrgRegistry:
     def refresh(self) -> None:
         with psycopg.connect(self._dsn) as conn:
             conn.execute(COUNTS_DDL)
-            rows = conn.execute("SELECT org, debezium_topics FROM fieldsync_control.orgs").fetchall()
+            rows = conn.execute(
+                "SELECT org, debezium_topics FROM fieldsync_control.orgs"
+            ).fetchall()
         self.orgs = {org for org, _ in rows}
         self.debezium_topics = {
-            topic: (org, entity) for org, mapping in rows for topic, entity in (mapping or {}).items()
+            topic: (org, entity)
+            for org, mapping in rows
+            for topic, entity in (mapping or {}).items()
         }
 
 
-def register_org(staging_dsn: str, org: str, *, retention_days: int = 30, debezium_topics: dict[str, str] | None = None) -> None:
+def register_org(
+    staging_dsn: str,
+    org: str,
+    *,
+    retention_days: int = 30,
+    debezium_topics: dict[str, str] | None = None,
+) -> None:
     """Make an org known to the projector (provisioning will own this; see docs)."""
     import orjson
 
@@ -84,7 +96,8 @@ def register_org(staging_dsn: str, org: str, *, retention_days: int = 30, debezi
         conn.execute(COUNTS_DDL)
         conn.execute(
             """
-            INSERT INTO fieldsync_control.orgs (org, retention_days, debezium_topics) VALUES (%s, %s, %s)
+            INSERT INTO fieldsync_control.orgs (org, retention_days, debezium_topics)
+            VALUES (%s, %s, %s)
             ON CONFLICT (org) DO UPDATE SET retention_days = EXCLUDED.retention_days,
                 debezium_topics = EXCLUDED.debezium_topics
             """,
@@ -97,7 +110,9 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
     registry.refresh()
     subscribed = change_topics(bootstrap_servers, list(registry.debezium_topics))
     if not subscribed:
-        raise SystemExit("no change topics on the broker yet: start capture (or provision an org) first")
+        raise SystemExit(
+            "no change topics on the broker yet: start capture (or provision an org) first"
+        )
     app = faust.App(
         settings.projector_group,
         broker=";".join(f"kafka://{server}" for server in bootstrap_servers.split(",")),
@@ -120,7 +135,11 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
     channel = app.topic(*subscribed, key_serializer="raw", value_serializer="raw", acks=True)
     dead_topics: dict[str, faust.TopicT] = {}
     known_schemas = FingerprintResolver(fetch_missing=lambda: _schemas_since(bootstrap_servers))
-    confluent = ConfluentResolver(ConfluentRegistry(settings.schema_registry_url)) if settings.schema_registry_url else None
+    confluent = (
+        ConfluentResolver(ConfluentRegistry(settings.schema_registry_url))
+        if settings.schema_registry_url
+        else None
+    )
 
     router = TopicRouter(registry.debezium_topics)
     decoder = EventDecoder(
@@ -135,10 +154,14 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
         for letter in letters:
             topic = dead_topics.get(letter.topic)
             if topic is None:
-                topic = dead_topics[letter.topic] = app.topic(letter.topic, key_serializer="raw", value_serializer="raw")
+                topic = dead_topics[letter.topic] = app.topic(
+                    letter.topic, key_serializer="raw", value_serializer="raw"
+                )
                 await asyncio.to_thread(_ensure_topic, bootstrap_servers, letter.topic, settings)
             futures.append(
-                await topic.send(key=letter.message.key, value=letter.message.value, headers=letter.headers())
+                await topic.send(
+                    key=letter.message.key, value=letter.message.value, headers=letter.headers()
+                )
             )
         await app.producer.flush()
         for future in futures:
@@ -148,7 +171,10 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
 
     @app.agent(channel, concurrency=1)
     async def project(stream: faust.StreamT[Any]) -> None:
-        async for events in stream.take_events(settings.projector_batch_size, within=settings.projector_batch_within_s):
+        # faust declares take_events on Stream only, not on the StreamT interface agents receive
+        async for events in stream.take_events(  # type: ignore[attr-defined]
+            settings.projector_batch_size, within=settings.projector_batch_within_s
+        ):
             messages = [
                 RawMessage(
                     e.message.topic,
@@ -161,13 +187,21 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
                 for e in events
             ]
             report = await _handle_until_done(projector, messages)
-            log.debug("batch of %d: applied %d, skipped %d, dead-lettered %d", report.consumed,
-                      report.applied, report.duplicates, report.dead_lettered)
+            log.debug(
+                "batch of %d: applied %d, skipped %d, dead-lettered %d",
+                report.consumed,
+                report.applied,
+                report.duplicates,
+                report.dead_lettered,
+            )
 
-    @app.timer(settings.projector_topic_refresh_s)
+    # faust's App.timer() is annotated as returning a bare Callable
+    @app.timer(settings.projector_topic_refresh_s)  # type: ignore[untyped-decorator]
     async def refresh_topics() -> None:
         await asyncio.to_thread(registry.refresh)
-        current = await asyncio.to_thread(change_topics, bootstrap_servers, list(registry.debezium_topics))
+        current = await asyncio.to_thread(
+            change_topics, bootstrap_servers, list(registry.debezium_topics)
+        )
         new = sorted(set(current) - set(subscribed))
         if new:
             log.info("new change topics %s: restarting the worker to subscribe", new)
@@ -200,9 +234,12 @@ def _update_lag(app: faust.App) -> None:
     consumer = app.consumer
     for tp in consumer.assignment():
         highwater = consumer.highwater(tp)
-        read = consumer._read_offset.get(tp)  # faust keeps the read position private
+        # faust keeps the read position private (Consumer only, not on ConsumerT)
+        read = consumer._read_offset.get(tp)  # type: ignore[attr-defined]
         if highwater is not None:
-            METRICS.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - (read or -1) - 1))
+            METRICS.lag.labels(tp.topic, str(tp.partition)).set(
+                max(0, highwater - (read or -1) - 1)
+            )
 
 
 def _reexec() -> None:
@@ -212,7 +249,9 @@ def _reexec() -> None:
 
 
 def _ensure_topic(bootstrap_servers: str, topic: str, settings: Settings) -> None:
-    admin = TopicAdmin(bootstrap_servers, partitions=1, replication_factor=settings.topic_replication_factor)
+    admin = TopicAdmin(
+        bootstrap_servers, partitions=1, replication_factor=settings.topic_replication_factor
+    )
     try:
         admin.ensure([topic])
     finally:
@@ -226,7 +265,9 @@ async def _schemas_since(bootstrap_servers: str) -> dict[bytes, dict[str, Any]]:
     from engine.streams.framing import schema_fingerprint
 
     found: dict[bytes, dict[str, Any]] = {}
-    for _p, _o, _key, value, _h in await asyncio.to_thread(read_all, bootstrap_servers, SCHEMA_TOPIC):
+    for _p, _o, _key, value, _h in await asyncio.to_thread(
+        read_all, bootstrap_servers, SCHEMA_TOPIC
+    ):
         if value is not None:
             schema = orjson.loads(value)
             found[schema_fingerprint(schema)] = schema

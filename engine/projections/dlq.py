@@ -66,7 +66,9 @@ def replay(bootstrap_servers: str, topic: str, *, timeout_s: float = 5.0) -> int
     )
     producer = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all")
     try:
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        partitions = [
+            TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
+        ]
         if not partitions:
             return 0
         consumer.assign(partitions)
@@ -77,7 +79,11 @@ def replay(bootstrap_servers: str, topic: str, *, timeout_s: float = 5.0) -> int
             idle = 0 if batch else idle + 1
             for records in batch.values():
                 for record in records:
-                    headers = [(k, v) for k, v in (record.headers or []) if not k.startswith(DLQ_HEADER_PREFIX)]
+                    headers = [
+                        (k, v)
+                        for k, v in (record.headers or [])
+                        if not k.startswith(DLQ_HEADER_PREFIX)
+                    ]
                     meta = _headers(tuple(record.headers or ()))
                     producer.send(
                         meta["fieldsync.dlq.topic"],

@@ -78,7 +78,9 @@ class BatchReport:
     applied: int = 0
     duplicates: int = 0
     dead_lettered: int = 0
-    per_entity: dict[tuple[str, str], list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0, 0, 0]))
+    per_entity: dict[tuple[str, str], list[int]] = field(
+        default_factory=lambda: defaultdict(lambda: [0, 0, 0, 0])
+    )
 
 
 COUNTS_DDL = """
@@ -135,11 +137,23 @@ class Projector:
         for message in messages:  # step 1
             try:
                 decoded = await self._decoder.decode(
-                    message.topic, message.partition, message.offset, message.key, message.value, message.headers
+                    message.topic,
+                    message.partition,
+                    message.offset,
+                    message.key,
+                    message.value,
+                    message.headers,
                 )
             except DecodeError as error:
                 route = self._router.route(message.topic)
-                dead.append(DeadLetter(route[0] if route and route[0] in known else None, message, error.reason, str(error)))
+                dead.append(
+                    DeadLetter(
+                        route[0] if route and route[0] in known else None,
+                        message,
+                        error.reason,
+                        str(error),
+                    )
+                )
                 continue
             if isinstance(decoded, Tombstone):
                 route = self._router.route(message.topic)
@@ -150,7 +164,11 @@ class Projector:
                 report.duplicates += 1
                 continue
             if decoded.org not in known:
-                dead.append(DeadLetter(None, message, "unknown_org", f"org {decoded.org} is not provisioned"))
+                dead.append(
+                    DeadLetter(
+                        None, message, "unknown_org", f"org {decoded.org} is not provisioned"
+                    )
+                )
                 continue
             groups[(decoded.org, decoded.entity)].append(decoded)
         by_origin = {(m.topic, m.partition, m.offset): m for m in messages}
@@ -158,9 +176,20 @@ class Projector:
             try:
                 result = await asyncio.to_thread(self._apply, org, entity, events)
             except ProjectionError as error:
-                log.error("org %s, entity %s: %s; dead-lettering %d events", org, entity, error, len(events))
+                log.error(
+                    "org %s, entity %s: %s; dead-lettering %d events",
+                    org,
+                    entity,
+                    error,
+                    len(events),
+                )
                 dead.extend(
-                    DeadLetter(org, by_origin[(e.origin.topic, e.origin.partition, e.origin.offset)], error.code, str(error))
+                    DeadLetter(
+                        org,
+                        by_origin[(e.origin.topic, e.origin.partition, e.origin.offset)],
+                        error.code,
+                        str(error),
+                    )
                     for e in events
                 )
                 continue
@@ -191,22 +220,26 @@ class Projector:
 
     def _record_counts(self, report: BatchReport, dead: Sequence[DeadLetter]) -> None:
         staging = self._connection()
-        rows: dict[tuple[str, str], list[int]] = {key: list(value) for key, value in report.per_entity.items()}
+        rows: dict[tuple[str, str], list[int]] = {
+            key: list(value) for key, value in report.per_entity.items()
+        }
         for letter in dead:
             route = self._router.route(letter.message.topic)
             key = (route[0], route[1]) if route else ("", letter.message.topic)
             counts = rows.setdefault(key, [0, 0, 0, 0])
             counts[0] += 1
             counts[3] += 1
-        with staging.conn.transaction():
-            with staging.conn.cursor() as cursor:
-                cursor.executemany(
-                    """
-                    INSERT INTO fieldsync_control.projection_counts AS c (org, entity, consumed, applied, duplicates, dead_lettered)
-                    VALUES (%s, %s, %s, %s, %s, %s)
-                    ON CONFLICT (org, entity) DO UPDATE SET
-                        consumed = c.consumed + EXCLUDED.consumed, applied = c.applied + EXCLUDED.applied,
-                        duplicates = c.duplicates + EXCLUDED.duplicates, dead_lettered = c.dead_lettered + EXCLUDED.dead_lettered
-                    """,
-                    [(org, entity, *counts) for (org, entity), counts in rows.items()],
-                )
+        with staging.conn.transaction(), staging.conn.cursor() as cursor:
+            cursor.executemany(
+                """
+                INSERT INTO fieldsync_control.projection_counts AS c
+                    (org, entity, consumed, applied, duplicates, dead_lettered)
+                VALUES (%s, %s, %s, %s, %s, %s)
+                ON CONFLICT (org, entity) DO UPDATE SET
+                    consumed = c.consumed + EXCLUDED.consumed,
+                    applied = c.applied + EXCLUDED.applied,
+                    duplicates = c.duplicates + EXCLUDED.duplicates,
+                    dead_lettered = c.dead_lettered + EXCLUDED.dead_lettered
+                """,
+                [(org, entity, *counts) for (org, entity), counts in rows.items()],
+            )

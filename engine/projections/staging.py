@@ -39,7 +39,14 @@ from psycopg import sql
 from engine.projections.exceptions import ProjectionError
 from engine.projections.model import UNAVAILABLE, ChangeEvent, ColumnSpec, EntityShape
 
-SYSTEM_COLUMNS = ("_fs_version", "_fs_deleted", "_fs_commit_lsn", "_fs_lsn", "_fs_changed_at", "_fs_epoch")
+SYSTEM_COLUMNS = (
+    "_fs_version",
+    "_fs_deleted",
+    "_fs_commit_lsn",
+    "_fs_lsn",
+    "_fs_changed_at",
+    "_fs_epoch",
+)
 SYSTEM_DDL = """
     _fs_version bigint NOT NULL,
     _fs_deleted boolean NOT NULL DEFAULT false,
@@ -51,9 +58,24 @@ SYSTEM_DDL = """
 
 # Temp-table types for values psycopg's binary dumpers take as given; others travel as text.
 _BINARY_COPY_TYPES = {
-    "boolean", "smallint", "integer", "bigint", "real", "double precision", "text", "bytea",
-    "date", "time", "timestamp", "timestamptz", "timestamp without time zone",
-    "timestamp with time zone", "time without time zone", "text[]", "integer[]", "bigint[]",
+    "boolean",
+    "smallint",
+    "integer",
+    "bigint",
+    "real",
+    "double precision",
+    "text",
+    "bytea",
+    "date",
+    "time",
+    "timestamp",
+    "timestamptz",
+    "timestamp without time zone",
+    "timestamp with time zone",
+    "time without time zone",
+    "text[]",
+    "integer[]",
+    "bigint[]",
 }
 
 
@@ -163,13 +185,19 @@ class Staging:
             keys = shape.key_names
             columns = sql.SQL(", ").join(
                 sql.SQL("{} {}{}").format(
-                    sql.Identifier(c.name), sql.SQL(c.pg_type), sql.SQL(" NOT NULL" if c.is_key else "")
+                    sql.Identifier(c.name),
+                    sql.SQL(c.pg_type),
+                    sql.SQL(" NOT NULL" if c.is_key else ""),
                 )
                 for c in shape.columns
             )
             self.conn.execute(
                 sql.SQL("CREATE TABLE IF NOT EXISTS {}.{} ({}, {}, PRIMARY KEY ({}))").format(
-                    schema, table, columns, sql.SQL(SYSTEM_DDL), sql.SQL(", ").join(map(sql.Identifier, keys))
+                    schema,
+                    table,
+                    columns,
+                    sql.SQL(SYSTEM_DDL),
+                    sql.SQL(", ").join(map(sql.Identifier, keys)),
                 )
             )
             self.conn.execute(
@@ -196,7 +224,8 @@ class Staging:
             )
             self.conn.execute(
                 sql.SQL(
-                    "INSERT INTO {}._fs_entities (entity, key_columns) VALUES (%s, %s) ON CONFLICT DO NOTHING"
+                    "INSERT INTO {}._fs_entities (entity, key_columns) VALUES (%s, %s)"
+                    " ON CONFLICT DO NOTHING"
                 ).format(schema),
                 (entity, list(keys)),
             )
@@ -238,14 +267,18 @@ class Staging:
             # step 1: serialise writers of this entity
             watermark, t_commit, t_lsn, p_commit, p_lsn = self.conn.execute(  # type: ignore[misc]
                 sql.SQL(
-                    "SELECT version, truncated_commit_lsn, truncated_lsn, purged_commit_lsn, purged_lsn"
+                    "SELECT version, truncated_commit_lsn, truncated_lsn,"
+                    " purged_commit_lsn, purged_lsn"
                     " FROM {}._fs_entities WHERE entity = %s FOR UPDATE"
                 ).format(schema),
                 (entity,),
             ).fetchone()
-            truncate = max((e for e in events if e.op == "t"), key=lambda e: e.position, default=None)
+            truncate = max(
+                (e for e in events if e.op == "t"), key=lambda e: e.position, default=None
+            )
             _newer_truncate = truncate is not None and (
-                truncate.position.commit_lsn, truncate.position.lsn
+                truncate.position.commit_lsn,
+                truncate.position.lsn,
             ) > (t_commit, t_lsn)
             if truncate is not None and _newer_truncate:
                 truncated, watermark = self._truncate(org, entity, state, truncate, watermark)
@@ -271,12 +304,17 @@ class Staging:
             result.watermark = watermark
         return result
 
-    def _truncate(self, org: str, entity: str, state: _EntityState, event: ChangeEvent, watermark: int) -> tuple[int, int]:
-        """Step 3: rows older than the truncate become deleted, each with a version and a log entry."""
+    def _truncate(
+        self, org: str, entity: str, state: _EntityState, event: ChangeEvent, watermark: int
+    ) -> tuple[int, int]:
+        """Step 3: rows older than the truncate become deleted, each with a version and a log
+        entry."""
         schema, table = sql.Identifier(org_schema(org)), sql.Identifier(entity)
         log = sql.Identifier(f"{entity}__log")
         keys = [sql.Identifier(k) for k in state.keys]
-        key_json = sql.SQL(", ").join(sql.SQL("{}, t.{}").format(sql.Literal(k), sql.Identifier(k)) for k in state.keys)
+        key_json = sql.SQL(", ").join(
+            sql.SQL("{}, t.{}").format(sql.Literal(k), sql.Identifier(k)) for k in state.keys
+        )
         join = sql.SQL(" AND ").join(sql.SQL("t.{0} = s.{0}").format(k) for k in keys)
         statement = sql.SQL(
             """
@@ -293,19 +331,33 @@ class Staging:
                 FROM gone s WHERE {join}
                 RETURNING t.*
             )
-            INSERT INTO {schema}.{log} (version, op, key, before, after, commit_lsn, lsn, changed_at)
+            INSERT INTO {schema}.{log}
+                (version, op, key, before, after, commit_lsn, lsn, changed_at)
             SELECT t._fs_version, 't', jsonb_build_object({key_json}), to_jsonb(b) - {system}, NULL,
                    t._fs_commit_lsn, t._fs_lsn, t._fs_changed_at
             FROM marked t JOIN before b ON {join_b}
             """
         ).format(
-            keys=sql.SQL(", ").join(keys), schema=schema, table=table, log=log, join=join, key_json=key_json,
-            system=sql.SQL("ARRAY[{}]").format(sql.SQL(", ").join(map(sql.Literal, SYSTEM_COLUMNS))),
+            keys=sql.SQL(", ").join(keys),
+            schema=schema,
+            table=table,
+            log=log,
+            join=join,
+            key_json=key_json,
+            system=sql.SQL("ARRAY[{}]").format(
+                sql.SQL(", ").join(map(sql.Literal, SYSTEM_COLUMNS))
+            ),
             join_b=sql.SQL(" AND ").join(sql.SQL("t.{0} = b.{0}").format(k) for k in keys),
         )
         cursor = self.conn.execute(
             statement,
-            {"wm": watermark, "c": event.position.commit_lsn, "l": event.position.lsn, "ts": event.source_ts_ms, "epoch": event.epoch},
+            {
+                "wm": watermark,
+                "c": event.position.commit_lsn,
+                "l": event.position.lsn,
+                "ts": event.source_ts_ms,
+                "epoch": event.epoch,
+            },
         )
         count = cursor.rowcount
         return count, watermark + count
@@ -315,12 +367,14 @@ class Staging:
         name = f"_fs_in_{digest}"
         if name not in self._temp_tables:
             columns = sql.SQL(", ").join(
-                sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(_copy_type(c.pg_type))) for c in shape.columns
+                sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(_copy_type(c.pg_type)))
+                for c in shape.columns
             )
             self.conn.execute(
                 sql.SQL(
                     "CREATE TEMP TABLE IF NOT EXISTS {} ({}, _fs_op text, _fs_unavailable text[], "
-                    "_fs_commit_lsn bigint, _fs_lsn bigint, _fs_changed_at timestamptz, _fs_epoch text) "
+                    "_fs_commit_lsn bigint, _fs_lsn bigint, _fs_changed_at timestamptz, "
+                    "_fs_epoch text) "
                     "ON COMMIT DELETE ROWS"
                 ).format(sql.Identifier(name), columns)
             )
@@ -343,8 +397,23 @@ class Staging:
             return 0, 0
         temp = self._temp_table(state, shape)
         names = [c.name for c in shape.columns]
-        copy_columns = [*names, "_fs_op", "_fs_unavailable", "_fs_commit_lsn", "_fs_lsn", "_fs_changed_at", "_fs_epoch"]
-        types = [_copy_type(c.pg_type) for c in shape.columns] + ["text", "text[]", "int8", "int8", "timestamptz", "text"]
+        copy_columns = [
+            *names,
+            "_fs_op",
+            "_fs_unavailable",
+            "_fs_commit_lsn",
+            "_fs_lsn",
+            "_fs_changed_at",
+            "_fs_epoch",
+        ]
+        types = [_copy_type(c.pg_type) for c in shape.columns] + [
+            "text",
+            "text[]",
+            "int8",
+            "int8",
+            "timestamptz",
+            "text",
+        ]
         from datetime import UTC, datetime
 
         with self.conn.cursor().copy(
@@ -364,9 +433,17 @@ class Staging:
                     if value is UNAVAILABLE:
                         unavailable.append(column.name)
                         value = None
-                    elif value is not None and _copy_type(column.pg_type) == "text" and column.pg_type != "text":
+                    elif (
+                        value is not None
+                        and _copy_type(column.pg_type) == "text"
+                        and column.pg_type != "text"
+                    ):
                         value = str(value)
-                    elif value is not None and column.pg_type.endswith("[]") and _copy_type(column.pg_type) == "text[]":
+                    elif (
+                        value is not None
+                        and column.pg_type.endswith("[]")
+                        and _copy_type(column.pg_type) == "text[]"
+                    ):
                         value = [None if v is None else str(v) for v in value]
                     values.append(value)
                 copy.write_row(
@@ -383,39 +460,65 @@ class Staging:
         return self._merge_statement(org, entity, state, shape, temp, watermark, truncated, purged)
 
     def _merge_statement(
-        self, org: str, entity: str, state: _EntityState, shape: EntityShape, temp: str, watermark: int, truncated: tuple[int, int],
+        self,
+        org: str,
+        entity: str,
+        state: _EntityState,
+        shape: EntityShape,
+        temp: str,
+        watermark: int,
+        truncated: tuple[int, int],
         purged: tuple[int, int],
     ) -> tuple[int, int]:
         schema, table = sql.Identifier(org_schema(org)), sql.Identifier(entity)
         log = sql.Identifier(f"{entity}__log")
         keys = [sql.Identifier(k) for k in state.keys]
-        on = lambda a, b: sql.SQL(" AND ").join(sql.SQL("{}.{} = {}.{}").format(sql.Identifier(a), k, sql.Identifier(b), k) for k in keys)  # noqa: E731
+
+        def on(a: str, b: str) -> sql.Composed:
+            return sql.SQL(" AND ").join(
+                sql.SQL("{}.{} = {}.{}").format(sql.Identifier(a), k, sql.Identifier(b), k)
+                for k in keys
+            )
+
         value_columns = [c for c in shape.columns if not c.is_key]
-        cast = lambda c: sql.SQL("f.{}").format(sql.Identifier(c.name))  # noqa: E731
+
+        def cast(c: ColumnSpec) -> sql.Composed:
+            return sql.SQL("f.{}").format(sql.Identifier(c.name))
+
         typed = sql.SQL(", ").join(
-            sql.SQL("{0}::{1} AS {0}").format(sql.Identifier(c.name), sql.SQL(state.columns.get(c.name, c.pg_type)))
+            sql.SQL("{0}::{1} AS {0}").format(
+                sql.Identifier(c.name), sql.SQL(state.columns.get(c.name, c.pg_type))
+            )
             for c in shape.columns
         )
         sets = sql.SQL(", ").join(
-            sql.SQL("{col} = CASE WHEN f._fs_op = 'd' OR {name} = ANY(coalesce(f._fs_unavailable, '{{}}')) THEN t.{col} ELSE {value} END").format(
-                col=sql.Identifier(c.name), name=sql.Literal(c.name), value=cast(c)
-            )
+            sql.SQL(
+                "{col} = CASE"
+                " WHEN f._fs_op = 'd' OR {name} = ANY(coalesce(f._fs_unavailable, '{{}}'))"
+                " THEN t.{col} ELSE {value} END"
+            ).format(col=sql.Identifier(c.name), name=sql.Literal(c.name), value=cast(c))
             for c in value_columns
         )
         insert_columns = sql.SQL(", ").join(sql.Identifier(c.name) for c in shape.columns)
         insert_values = sql.SQL(", ").join(
-            cast(c) if c.is_key else sql.SQL("CASE WHEN f._fs_op = 'd' THEN NULL ELSE {} END").format(cast(c))
+            cast(c)
+            if c.is_key
+            else sql.SQL("CASE WHEN f._fs_op = 'd' THEN NULL ELSE {} END").format(cast(c))
             for c in shape.columns
         )
         system = sql.SQL("ARRAY[{}]").format(sql.SQL(", ").join(map(sql.Literal, SYSTEM_COLUMNS)))
-        key_json = sql.SQL(", ").join(sql.SQL("{}, w.{}").format(sql.Literal(k), sql.Identifier(k)) for k in state.keys)
+        key_json = sql.SQL(", ").join(
+            sql.SQL("{}, w.{}").format(sql.Literal(k), sql.Identifier(k)) for k in state.keys
+        )
         statement = sql.SQL(
             """
             WITH incoming AS (
-                SELECT {typed}, _fs_op, _fs_unavailable, _fs_commit_lsn, _fs_lsn, _fs_changed_at, _fs_epoch
+                SELECT {typed}, _fs_op, _fs_unavailable, _fs_commit_lsn, _fs_lsn, _fs_changed_at,
+                       _fs_epoch
                 FROM {temp}
             ), cur AS (
-                SELECT t.* FROM {schema}.{table} t WHERE ({key_list}) IN (SELECT {key_list} FROM incoming)
+                SELECT t.* FROM {schema}.{table} t
+                WHERE ({key_list}) IN (SELECT {key_list} FROM incoming)
                 FOR UPDATE OF t
             ), newer AS (
                 SELECT i.*, c.{first_key} IS NOT NULL AS _existed
@@ -429,7 +532,8 @@ class Staging:
                 SELECT DISTINCT ON ({key_list}) * FROM newer
                 ORDER BY {key_list}, _fs_commit_lsn DESC, _fs_lsn DESC
             ), fresh AS (
-                SELECT *, %(wm)s + row_number() OVER (ORDER BY _fs_commit_lsn, _fs_lsn) AS _new_version
+                SELECT *,
+                       %(wm)s + row_number() OVER (ORDER BY _fs_commit_lsn, _fs_lsn) AS _new_version
                 FROM newest
             ), updated AS (
                 UPDATE {schema}.{table} t SET {sets},
@@ -439,37 +543,67 @@ class Staging:
                 FROM fresh f WHERE f._existed AND {on_tf}
                 RETURNING t.*
             ), inserted AS (
-                INSERT INTO {schema}.{table} ({insert_columns}, _fs_version, _fs_deleted, _fs_commit_lsn, _fs_lsn, _fs_changed_at, _fs_epoch)
-                SELECT {insert_values}, f._new_version, f._fs_op = 'd', f._fs_commit_lsn, f._fs_lsn, f._fs_changed_at, f._fs_epoch
+                INSERT INTO {schema}.{table} ({insert_columns}, _fs_version, _fs_deleted,
+                                              _fs_commit_lsn, _fs_lsn, _fs_changed_at, _fs_epoch)
+                SELECT {insert_values}, f._new_version, f._fs_op = 'd',
+                       f._fs_commit_lsn, f._fs_lsn, f._fs_changed_at, f._fs_epoch
                 FROM fresh f WHERE NOT f._existed
                 RETURNING *
             ), written AS (
                 SELECT * FROM updated UNION ALL SELECT * FROM inserted
             ), logged AS (
-                INSERT INTO {schema}.{log} (version, op, key, before, after, commit_lsn, lsn, changed_at)
+                INSERT INTO {schema}.{log}
+                    (version, op, key, before, after, commit_lsn, lsn, changed_at)
                 SELECT w._fs_version, f._fs_op, jsonb_build_object({key_json}),
-                       CASE WHEN c.{first_key} IS NULL OR c._fs_deleted THEN NULL ELSE to_jsonb(c) - {system} END,
+                       CASE WHEN c.{first_key} IS NULL OR c._fs_deleted THEN NULL
+                            ELSE to_jsonb(c) - {system} END,
                        CASE WHEN w._fs_deleted THEN NULL ELSE to_jsonb(w) - {system} END,
                        w._fs_commit_lsn, w._fs_lsn, w._fs_changed_at
                 FROM written w JOIN fresh f ON {on_wf} LEFT JOIN cur c ON {on_wc}
                 RETURNING 1
             )
-            SELECT (SELECT count(*) FROM (SELECT DISTINCT {key_list}, _fs_commit_lsn, _fs_lsn FROM newer) d),
+            SELECT (SELECT count(*)
+                    FROM (SELECT DISTINCT {key_list}, _fs_commit_lsn, _fs_lsn FROM newer) d),
                    (SELECT count(*) FROM logged)
             """
         ).format(
-            schema=schema, table=table, log=log, temp=sql.Identifier(temp), sets=sets, typed=typed,
-            first_key=keys[0], key_list=sql.SQL(", ").join(keys), insert_columns=insert_columns, insert_values=insert_values,
-            key_json=key_json, system=system,
-            on_ic=on("i", "c"), on_tf=on("t", "f"), on_wf=on("w", "f"), on_wc=on("w", "c"),
+            schema=schema,
+            table=table,
+            log=log,
+            temp=sql.Identifier(temp),
+            sets=sets,
+            typed=typed,
+            first_key=keys[0],
+            key_list=sql.SQL(", ").join(keys),
+            insert_columns=insert_columns,
+            insert_values=insert_values,
+            key_json=key_json,
+            system=system,
+            on_ic=on("i", "c"),
+            on_tf=on("t", "f"),
+            on_wf=on("w", "f"),
+            on_wc=on("w", "c"),
         )
-        row = self.conn.execute(statement, {"wm": watermark, "tc": truncated[0], "tl": truncated[1], "pc": purged[0], "pl": purged[1]}).fetchone()
+        row = self.conn.execute(
+            statement,
+            {
+                "wm": watermark,
+                "tc": truncated[0],
+                "tl": truncated[1],
+                "pc": purged[0],
+                "pl": purged[1],
+            },
+        ).fetchone()
         assert row is not None
         return int(row[0]), int(row[1])
 
 
 def _same_type(existing: str, incoming: str) -> bool:
-    aliases = {"timestamp": "timestamp without time zone", "timestamptz": "timestamp with time zone", "time": "time without time zone"}
+    aliases = {
+        "timestamp": "timestamp without time zone",
+        "timestamptz": "timestamp with time zone",
+        "time": "time without time zone",
+    }
     return aliases.get(existing, existing) == aliases.get(incoming, incoming) or (
         existing.startswith("numeric") and incoming.startswith("numeric")
     )
