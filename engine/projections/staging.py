@@ -129,6 +129,8 @@ class Staging:
         if org in self._orgs:
             return
         schema = sql.Identifier(org_schema(org))
+        # workers meeting a new org at once would race on IF NOT EXISTS: serialise them
+        self._lock_ddl(org_schema(org))
         self.conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
         self.conn.execute(
             sql.SQL(
@@ -149,6 +151,14 @@ class Staging:
             ).format(schema)
         )
         self._orgs.add(org)
+
+    def _lock_ddl(self, name: str) -> None:
+        """A transaction-scoped advisory lock around creating ``name``."""
+        if self.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            self.conn.execute("BEGIN")
+        self.conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext(%s))", (f"fieldsync.staging.{name}",)
+        )
 
     def _state(self, org: str, entity: str) -> _EntityState:
         state = self._entities.get((org, entity))
@@ -182,6 +192,7 @@ class Staging:
         schema = sql.Identifier(org_schema(org))
         table = sql.Identifier(entity)
         if not state.columns:
+            self._lock_ddl(f"{org_schema(org)}.{entity}")
             keys = shape.key_names
             columns = sql.SQL(", ").join(
                 sql.SQL("{} {}{}").format(
