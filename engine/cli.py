@@ -232,6 +232,29 @@ def schemas(
         raise _fail(error) from None
 
 
+@app.command()
+def purge() -> None:
+    """Move every org's retention horizon now: purge old change-log entries and deletes."""
+    from engine.projections.retention import purge_all
+
+    try:
+        reports = purge_all(resolve_endpoints(_settings()).staging_dsn)
+    except FieldSyncError as error:
+        raise _fail(error) from None
+    table = Table(title="Retention purge")
+    for column in ("org", "retention", "log entries purged", "deletes purged", "error"):
+        table.add_column(column)
+    for report in reports:
+        table.add_row(
+            report.org,
+            str(report.retention),
+            str(report.log_deleted),
+            str(report.tombstones_deleted),
+            report.error or "",
+        )
+    console.print(table)
+
+
 dlq_app = typer.Typer(
     help="Dead letters: list them, replay them after a fix.", no_args_is_help=True
 )

@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     projector_batch_within_s: float = Field(default=0.2, gt=0, le=60)
     projector_topic_refresh_s: float = Field(default=5.0, gt=0)
     projector_max_message_bytes: int = Field(default=1_048_576, ge=1024)
+    retention_purge_interval_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="How often each projector worker purges below the horizon.",
+    )
     projector_metrics_port: int | None = Field(default=None, ge=1, le=65535)
     broker_rebalance_timeout_s: float = Field(
         default=60.0,

@@ -32,6 +32,7 @@ from engine.projections.decoding import EventDecoder, TopicRouter
 from engine.projections.exceptions import SchemaUnavailable
 from engine.projections.metrics import METRICS
 from engine.projections.projector import COUNTS_DDL, DeadLetter, Projector, RawMessage
+from engine.projections.retention import purge_all
 from engine.streams.framing import (
     SCHEMA_TOPIC,
     ConfluentRegistry,
@@ -207,6 +208,13 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
             log.info("new change topics %s: restarting the worker to subscribe", new)
             _reexec()
         _update_lag(app)
+
+    @app.timer(settings.retention_purge_interval_s)  # type: ignore[untyped-decorator]  # faust: bare Callable
+    async def purge_below_horizon() -> None:
+        """Move every org's retention horizon (idempotent: workers may all run it)."""
+        for report in await asyncio.to_thread(purge_all, staging_dsn):
+            if report.error:
+                log.warning("org %s: purge failed: %s", report.org, report.error)
 
     return app
 
