@@ -137,5 +137,5 @@ def test_sigkill_mid_batch_loses_nothing(
         log.read_text().count("taking an initial snapshot") == 1
     )  # kills never forced a re-snapshot
     print(f"kills={kills} events={sum(len(s) for s in seen.values())} duplicates={duplicates}")
-    # at-least-once shows: some kill landed after a batch was sent and before the slot advanced
-    assert duplicates > 0
+    # duplicates (re-sent after a kill between sending and advancing the slot) are allowed;
+    # missing or reordered changes are not: both are asserted above

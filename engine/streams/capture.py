@@ -45,6 +45,7 @@ from engine.streams.framing import (
     ConfluentRegistry,
     Framing,
     SingleObjectFraming,
+    WriterSchema,
 )
 from engine.streams.incremental import CLOSE as WINDOW_CLOSE
 from engine.streams.incremental import EXECUTE as EXECUTE_SNAPSHOT
@@ -123,6 +124,7 @@ class CaptureTask:
         self._last_broker_check = 0.0
         self._started = False
         self._incremental: IncrementalSnapshots | None = None
+        self._txn_writers: tuple[WriterSchema, WriterSchema] | None = None
         self._closed_windows: list[Window] = []
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -600,13 +602,18 @@ class CaptureTask:
             for partition in await self._partitions_of(encoder.topic):
                 await self._send(encoder.topic, None, value, partition=partition)
 
+    async def _transaction_writers(self) -> tuple[WriterSchema, WriterSchema]:
+        """The transaction topic's writer schemas, registered once (fingerprinting is slow)."""
+        if self._txn_writers is None:
+            topic = transaction_topic(self.spec.org)
+            self._txn_writers = (
+                await self._framing.writer_schema(f"{topic}-key", transaction_key_schema()),
+                await self._framing.writer_schema(f"{topic}-value", transaction_value_schema()),
+            )
+        return self._txn_writers
+
     async def _send_transaction_marker(self, txn: _Transaction, status: str) -> None:
-        key_writer = await self._framing.writer_schema(
-            f"{transaction_topic(self.spec.org)}-key", transaction_key_schema()
-        )
-        value_writer = await self._framing.writer_schema(
-            f"{transaction_topic(self.spec.org)}-value", transaction_value_schema()
-        )
+        key_writer, value_writer = await self._transaction_writers()
         record: dict[str, Any] = {
             "status": status,
             "id": txn.id,
