@@ -76,3 +76,20 @@ def fresh_database(pg_admin_dsn: str) -> Iterator[str]:
             ).fetchall():
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture()
+def fresh_broker(embedded_broker: EmbeddedBroker | None) -> Iterator[str]:
+    """A broker of this test's own: projectors subscribe to every change topic on their broker,
+    and the session broker holds every earlier test's topics."""
+    if embedded_broker is None:  # FIELDSYNC_TEST_BOOTSTRAP names an external broker: share it
+        yield os.environ["FIELDSYNC_TEST_BOOTSTRAP"]
+        return
+    broker = EmbeddedBroker(
+        free_port(), Path(tempfile.mkdtemp(prefix="fieldsync-test-kafka-")) / "broker.log"
+    )
+    broker.start()
+    try:
+        yield broker.bootstrap_servers
+    finally:
+        broker.stop()

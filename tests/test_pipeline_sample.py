@@ -53,18 +53,18 @@ def _identical(dsn: str, org: str) -> bool:
 
 
 def test_sample_source_reaches_staging_exactly(
-    fresh_database: str, bootstrap_servers: str, tmp_path: Path
+    fresh_database: str, fresh_broker: str, tmp_path: Path
 ) -> None:
     create_source(fresh_database)
     fill(fresh_database, accounts=60, seed=3)
     org = new_org()
     spec = CaptureSpec(org=org, source_dsn=fresh_database, entities=SAMPLE_ENTITIES)
-    capture_once(spec, bootstrap_servers)
+    capture_once(spec, fresh_broker)
     churn(fresh_database, rate_per_s=float("inf"), max_changes=400, seed=5, changes_per_tx=3)
-    capture_once(spec, bootstrap_servers)
+    capture_once(spec, fresh_broker)
     register_org(fresh_database, org)
     log = tmp_path / "projector.log"
-    worker = start_projector(projector_env(bootstrap_servers, fresh_database), log)
+    worker = start_projector(projector_env(fresh_broker, fresh_database), log)
     try:
         wait_until(
             lambda: _identical(fresh_database, org), 120, "staging identical to the source", log

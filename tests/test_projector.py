@@ -22,7 +22,7 @@ from tests.projector_helpers import (
 COLUMNS = "id, name, amount, tags, seen"
 
 
-def test_changes_reach_staging(fresh_database: str, bootstrap_servers: str, tmp_path: Path) -> None:
+def test_changes_reach_staging(fresh_database: str, fresh_broker: str, tmp_path: Path) -> None:
     with psycopg.connect(fresh_database, autocommit=True) as conn:
         conn.execute(
             "CREATE TABLE t"
@@ -34,13 +34,13 @@ def test_changes_reach_staging(fresh_database: str, bootstrap_servers: str, tmp_
         )
     org = new_org()
     spec = CaptureSpec(org=org, source_dsn=fresh_database, entities={"t": "public.t"})
-    capture_once(spec, bootstrap_servers)
+    capture_once(spec, fresh_broker)
     register_org(fresh_database, org)
     log = tmp_path / "projector.log"
     metrics_port = free_port()
     worker = start_projector(
         projector_env(
-            bootstrap_servers, fresh_database, FIELDSYNC_PROJECTOR_METRICS_PORT=str(metrics_port)
+            fresh_broker, fresh_database, FIELDSYNC_PROJECTOR_METRICS_PORT=str(metrics_port)
         ),
         log,
     )
@@ -56,7 +56,7 @@ def test_changes_reach_staging(fresh_database: str, bootstrap_servers: str, tmp_
             conn.execute("DELETE FROM t WHERE id % 11 = 0")
             conn.execute("UPDATE t SET id = id + 1000 WHERE id BETWEEN 100 AND 110")
             conn.execute("INSERT INTO t (id, name) VALUES (5000, 'new')")
-        capture_once(spec, bootstrap_servers)
+        capture_once(spec, fresh_broker)
         wait_until(
             staging_matches_source(fresh_database, org, "t", COLUMNS), 60, "changes in staging", log
         )

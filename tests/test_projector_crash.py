@@ -71,7 +71,7 @@ def _consumed(dsn: str, org: str) -> int:
 
 @pytest.mark.slow
 def test_sigkill_projector_mid_batch(
-    fresh_database: str, bootstrap_servers: str, tmp_path: Path
+    fresh_database: str, fresh_broker: str, tmp_path: Path
 ) -> None:
     with psycopg.connect(fresh_database, autocommit=True) as conn:
         conn.execute("CREATE TABLE t (id int PRIMARY KEY, seq int NOT NULL, pad text)")
@@ -80,20 +80,20 @@ def test_sigkill_projector_mid_batch(
         )
     org = new_org()
     spec = CaptureSpec(org=org, source_dsn=fresh_database, entities={"t": "public.t"})
-    capture_once(spec, bootstrap_servers)
+    capture_once(spec, fresh_broker)
     register_org(fresh_database, org)
     org_file = tmp_path / "org.yaml"
     org_file.write_text(f"org: {org}\nsource_dsn: '{fresh_database}'\nentities:\n  t: public.t\n")
     capture_log, projector_log = tmp_path / "capture.log", tmp_path / "projector.log"
     env = projector_env(
-        bootstrap_servers,
+        fresh_broker,
         fresh_database,
         FIELDSYNC_BROKER_REBALANCE_TIMEOUT_S="3",
         FIELDSYNC_BROKER_SESSION_TIMEOUT_S="6",
         FIELDSYNC_PROJECTOR_BATCH_SIZE="1000",
     )
 
-    capture = _start_capture(org_file, bootstrap_servers, capture_log)
+    capture = _start_capture(org_file, fresh_broker, capture_log)
     done = threading.Event()
     loader = threading.Thread(target=_load, args=(fresh_database, done, 100.0))
     loader.start()
@@ -117,9 +117,7 @@ def test_sigkill_projector_mid_batch(
         loader.join()
         capture.send_signal(signal.SIGTERM)
         capture.wait(timeout=60)
-        final_capture = _start_capture(
-            org_file, bootstrap_servers, capture_log, "--until-caught-up"
-        )
+        final_capture = _start_capture(org_file, fresh_broker, capture_log, "--until-caught-up")
         assert final_capture.wait(timeout=300) == 0
         wait_until(
             staging_matches_source(fresh_database, org, "t", "id, seq, pad"),

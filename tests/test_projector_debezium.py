@@ -22,11 +22,11 @@ def _raw(name: str) -> bytes:
 
 
 def test_debezium_json_topics_project(
-    fresh_database: str, bootstrap_servers: str, tmp_path: Path
+    fresh_database: str, fresh_broker: str, tmp_path: Path
 ) -> None:
     org = new_org()
     persons, widgets = f"pg{org}.public.persons", f"cqrs{org}.public.widgets"
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    admin = KafkaAdminClient(bootstrap_servers=fresh_broker)
     admin.create_topics([NewTopic(persons, 1, 1), NewTopic(widgets, 1, 1)])
     admin.close()
     register_org(fresh_database, org, debezium_topics={persons: "person", widgets: "widget"})
@@ -37,7 +37,7 @@ def test_debezium_json_topics_project(
         "payload": json.loads(_raw("pg_persons_2.7.1_update.payload.json")),
     }
     key_schema = json.loads(_raw("pg_persons_2.7.1_create.key.json"))["schema"]
-    producer = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all")
+    producer = KafkaProducer(bootstrap_servers=fresh_broker, acks="all")
     producer.send(
         persons,
         key=_raw("pg_persons_2.7.1_create.key.json"),
@@ -55,7 +55,7 @@ def test_debezium_json_topics_project(
     producer.close()
 
     log = tmp_path / "projector.log"
-    worker = start_projector(projector_env(bootstrap_servers, fresh_database), log)
+    worker = start_projector(projector_env(fresh_broker, fresh_database), log)
     try:
         wait_until(
             lambda: (

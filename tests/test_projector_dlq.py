@@ -32,7 +32,7 @@ def _letters(bootstrap: str, topic: str) -> list:
 
 
 def test_dead_letters_and_replay_after_fix(
-    fresh_database: str, bootstrap_servers: str, tmp_path: Path
+    fresh_database: str, fresh_broker: str, tmp_path: Path
 ) -> None:
     with psycopg.connect(fresh_database, autocommit=True) as conn:
         conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
@@ -42,11 +42,11 @@ def test_dead_letters_and_replay_after_fix(
     known, late = new_org(), new_org()
     capture_once(
         CaptureSpec(org=known, source_dsn=fresh_database, entities={"t": "public.t"}),
-        bootstrap_servers,
+        fresh_broker,
     )
     register_org(fresh_database, known)
     log = tmp_path / "projector.log"
-    env = projector_env(bootstrap_servers, fresh_database)
+    env = projector_env(fresh_broker, fresh_database)
     worker = start_projector(env, log)
     try:
         wait_until(
@@ -56,7 +56,7 @@ def test_dead_letters_and_replay_after_fix(
             log,
         )
 
-        producer = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all")
+        producer = KafkaProducer(bootstrap_servers=fresh_broker, acks="all")
         producer.send(f"fieldsync.{known}.t", key=b"k1", value=b"\x07not avro at all", partition=0)
         producer.send(
             f"fieldsync.{known}.t",
@@ -67,29 +67,29 @@ def test_dead_letters_and_replay_after_fix(
         producer.flush()
         producer.close()
         dlq = f"fieldsync.{known}.dlq"
-        wait_until(lambda: len(_letters(bootstrap_servers, dlq)) == 2, 30, "two dead letters", log)
-        reasons = sorted(letter.reason for letter in _letters(bootstrap_servers, dlq))
+        wait_until(lambda: len(_letters(fresh_broker, dlq)) == 2, 30, "two dead letters", log)
+        reasons = sorted(letter.reason for letter in _letters(fresh_broker, dlq))
         assert reasons == ["bad_magic", "unknown_schema"]
         assert all(
             letter.source_topic == f"fieldsync.{known}.t" and letter.source_offset >= 0
-            for letter in _letters(bootstrap_servers, dlq)
+            for letter in _letters(fresh_broker, dlq)
         )
 
         # a new org's topics appear while the projector runs; the org is not provisioned yet
         late_spec = CaptureSpec(org=late, source_dsn=fresh_database, entities={"u": "public.u"})
-        capture_once(late_spec, bootstrap_servers)
+        capture_once(late_spec, fresh_broker)
 
         def late_letters() -> int:  # fieldsync.dlq is shared with other tests' unknown orgs
             return sum(
                 1
-                for letter in _letters(bootstrap_servers, "fieldsync.dlq")
+                for letter in _letters(fresh_broker, "fieldsync.dlq")
                 if letter.source_topic == f"fieldsync.{late}.u"
             )
 
         wait_until(lambda: late_letters() >= 7, 60, "unknown-org dead letters of the new org", log)
         assert {
             letter.reason
-            for letter in _letters(bootstrap_servers, "fieldsync.dlq")
+            for letter in _letters(fresh_broker, "fieldsync.dlq")
             if letter.source_topic == f"fieldsync.{late}.u"
         } == {"unknown_org"}
 

@@ -23,7 +23,7 @@ from tests.test_projector_crash import KEYS, _consumed, _load
 
 
 def test_two_workers_and_a_rebalance(
-    fresh_database: str, bootstrap_servers: str, tmp_path: Path
+    fresh_database: str, fresh_broker: str, tmp_path: Path
 ) -> None:
     with psycopg.connect(fresh_database, autocommit=True) as conn:
         conn.execute("CREATE TABLE t (id int PRIMARY KEY, seq int NOT NULL, pad text)")
@@ -31,20 +31,20 @@ def test_two_workers_and_a_rebalance(
     org = new_org()
     capture_once(
         CaptureSpec(org=org, source_dsn=fresh_database, entities={"t": "public.t"}),
-        bootstrap_servers,
+        fresh_broker,
     )
     register_org(fresh_database, org)
     org_file = tmp_path / "org.yaml"
     org_file.write_text(f"org: {org}\nsource_dsn: '{fresh_database}'\nentities:\n  t: public.t\n")
     env = projector_env(
-        bootstrap_servers,
+        fresh_broker,
         fresh_database,
         FIELDSYNC_BROKER_REBALANCE_TIMEOUT_S="3",
         FIELDSYNC_BROKER_SESSION_TIMEOUT_S="6",
         FIELDSYNC_PROJECTOR_BATCH_SIZE="500",
     )
     logs = [tmp_path / "w1.log", tmp_path / "w2.log"]
-    capture = _start_capture(org_file, bootstrap_servers, tmp_path / "capture.log")
+    capture = _start_capture(org_file, fresh_broker, tmp_path / "capture.log")
     done = threading.Event()
     loader = threading.Thread(target=_load, args=(fresh_database, done, 30.0, 30_000))
     loader.start()
@@ -61,7 +61,7 @@ def test_two_workers_and_a_rebalance(
         capture.send_signal(signal.SIGTERM)
         capture.wait(timeout=60)
         final = _start_capture(
-            org_file, bootstrap_servers, tmp_path / "capture.log", "--until-caught-up"
+            org_file, fresh_broker, tmp_path / "capture.log", "--until-caught-up"
         )
         assert final.wait(timeout=300) == 0
         wait_until(
