@@ -64,3 +64,23 @@ def staging_matches_source(dsn: str, org: str, table: str, columns: str) -> Call
         return staging == source
 
     return check
+
+
+def assert_change_log_sound(dsn: str, org: str, entity: str) -> int:
+    """No change applied twice, and versions 1..watermark without a gap; returns the watermark."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            f"SELECT version FROM org_{org}._fs_entities WHERE entity = %s", (entity,)
+        ).fetchone()
+        assert row is not None
+        watermark = int(row[0])
+        versions = [
+            v for (v,) in conn.execute(f"SELECT version FROM org_{org}.{entity}__log ORDER BY 1")
+        ]
+        twice = conn.execute(
+            f"SELECT count(*) FROM (SELECT key, commit_lsn, lsn FROM org_{org}.{entity}__log"
+            " GROUP BY 1, 2, 3 HAVING count(*) > 1) d"
+        ).fetchone()
+    assert twice == (0,), "a change was applied twice"
+    assert versions == list(range(1, watermark + 1)), "the change log has gaps or repeats"
+    return watermark

@@ -13,6 +13,7 @@ from engine.projections.app import register_org
 from engine.streams.spec import CaptureSpec
 from tests.capture_helpers import capture_once, new_org
 from tests.projector_helpers import (
+    assert_change_log_sound,
     projector_env,
     staging_matches_source,
     start_projector,
@@ -79,15 +80,4 @@ def test_two_workers_and_a_rebalance(
     assert done.is_set()
     both = [log.read_text().count("Executing _on_partitions_assigned") for log in logs]
     assert all(n >= 1 for n in both), f"each worker was assigned partitions: {both}"
-    with psycopg.connect(fresh_database) as conn:
-        watermark = conn.execute(
-            f"SELECT version FROM org_{org}._fs_entities WHERE entity = 't'"
-        ).fetchone()[0]
-        versions = [
-            v for (v,) in conn.execute(f"SELECT version FROM org_{org}.t__log ORDER BY version")
-        ]
-        twice = conn.execute(
-            f"SELECT count(*) FROM (SELECT key, commit_lsn, lsn FROM org_{org}.t__log"
-            " GROUP BY 1, 2, 3 HAVING count(*) > 1) d"
-        ).fetchone()[0]
-    assert twice == 0 and versions == list(range(1, watermark + 1))
+    assert_change_log_sound(fresh_database, org, "t")
