@@ -30,8 +30,8 @@ unregistered org, which it would dead-letter) would be measured too.
 
 Tuning knobs: ``FIELDSYNC_BENCH_PROJECTOR_BATCHES`` (e.g. ``2000/0.2,5000/1``: batch size /
 seconds) measures the projector with each and reports the best, against a faust baseline with
-the same settings; ``FIELDSYNC_BENCH_PROJECTOR_UVLOOP=1`` runs the worker and the faust
-baseline on uvloop (the shipped worker runs on asyncio's loop).
+the same settings; ``FIELDSYNC_BENCH_PROJECTOR_UVLOOP=0`` runs the worker and the faust
+baseline on asyncio's own loop instead of uvloop (the shipped default).
 """
 
 from __future__ import annotations
@@ -378,15 +378,8 @@ def run_projector(
     group = f"bench-projector-{uuid.uuid4().hex[:8]}"
     log = workdir / f"{group}.log"
     env = worker_env(bootstrap, dsn, group, batching)
-    if uvloop:
-        cmd = [
-            sys.executable,
-            "-c",
-            "import uvloop; uvloop.install(); "
-            "from engine.cli import app; app(['projector'], prog_name='fieldsync')",
-        ]
-    else:
-        cmd = [str(Path(sys.executable).parent / "fieldsync"), "projector"]
+    env["FIELDSYNC_PROJECTOR_UVLOOP"] = "true" if uvloop else "false"
+    cmd = [str(Path(sys.executable).parent / "fieldsync"), "projector"]
     query = (
         "SELECT coalesce(sum(consumed), 0) FROM fieldsync_control.projection_counts WHERE org = %s"
     )
@@ -667,7 +660,7 @@ def projector(ctx: BenchContext) -> Iterator[Result]:
 
     events, keys = (20_000, 2_000) if ctx.quick else (200_000, 20_000)
     naive_events = _naive_events(ctx.quick, events)
-    uvloop = os.environ.get(UVLOOP_ENV, "") not in ("", "0")
+    uvloop = os.environ.get(UVLOOP_ENV, "1") not in ("", "0", "false")
     org = f"bench{uuid.uuid4().hex[:8]}"
     topic = change_topic(org, ENTITY)
     workdir = Path(tempfile.mkdtemp(prefix="fieldsync-bench-projector-"))

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
         gt=0,
         description="How often each projector worker purges below the horizon.",
     )
+    projector_uvloop: bool = Field(
+        default=True, description="Run the projector worker on uvloop (about 30% more events/s)."
+    )
     projector_metrics_port: int | None = Field(default=None, ge=1, le=65535)
     broker_rebalance_timeout_s: float = Field(
         default=60.0,
@@ -83,6 +86,31 @@ class Settings(BaseSettings):
     )
     broker_session_timeout_s: float = Field(default=30.0, gt=0)
     broker_heartbeat_interval_s: float = Field(default=3.0, gt=0)
+
+    gateway_host: str = Field(default="127.0.0.1", description="Address the gateway binds.")
+    gateway_port: int = Field(default=8765, ge=1, le=65535)
+    gateway_domain: str | None = Field(
+        default=None,
+        description="Devices reach <org>.<domain> (DNS routing by org); unset = /orgs/<org>/ only.",
+    )
+    gateway_jwt_secret: SecretStr | None = Field(
+        default=None, description="Shared HS256 secret that signs device and admin JWTs."
+    )
+    gateway_jwks: str | None = Field(
+        default=None,
+        description="JWKS file path or https URL with the RS256/ES256 keys that sign JWTs.",
+    )
+    gateway_jwt_audience: str = Field(default="fieldsync", min_length=1)
+    gateway_jwt_issuer: str | None = Field(default=None)
+    gateway_token_secret: SecretStr | None = Field(
+        default=None,
+        description="Signs sync tokens; every gateway of a deployment needs the same one. "
+        "Unset = a random secret kept in the data directory.",
+    )
+    gateway_page_rows: int = Field(default=1000, ge=1, le=100_000)
+    gateway_max_wait_s: float = Field(default=60.0, gt=0, le=3600)
+    gateway_tls_cert: Path | None = Field(default=None)
+    gateway_tls_key: Path | None = Field(default=None)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -101,6 +129,11 @@ class Settings(BaseSettings):
             if not sep or not host or not port.isdigit():
                 raise ValueError(f"expected host:port[,host:port], got {server.strip()!r}")
         return value
+
+    @field_validator("gateway_jwks", "gateway_domain", "gateway_jwt_issuer")
+    @classmethod
+    def _blank_gateway_is_unset(cls, value: str | None) -> str | None:
+        return value or None
 
     @property
     def uses_embedded_broker(self) -> bool:

@@ -284,6 +284,10 @@ async def _schemas_since(bootstrap_servers: str) -> dict[bytes, dict[str, Any]]:
 
 def run_worker(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> None:
     """Run one projector worker until SIGTERM/SIGINT."""
+    if settings.projector_uvloop and sys.platform != "win32":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     app = build_app(settings, bootstrap_servers, staging_dsn)
     if settings.projector_metrics_port:
         from prometheus_client import start_http_server

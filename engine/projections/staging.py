@@ -39,6 +39,8 @@ from psycopg import sql
 from engine.projections.exceptions import ProjectionError
 from engine.projections.model import UNAVAILABLE, ChangeEvent, ColumnSpec, EntityShape
 
+CHANGES_CHANNEL = "fieldsync_changes"  # NOTIFY payload: "<org>.<entity>:<watermark>"
+
 SYSTEM_COLUMNS = (
     "_fs_version",
     "_fs_deleted",
@@ -233,6 +235,13 @@ class Staging:
                     """
                 ).format(schema, sql.Identifier(f"{entity}__log"))
             )
+            self.conn.execute(  # the gateway finds a key's changes after a watermark
+                sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {}.{} (key, version)").format(
+                    sql.Identifier(f"{entity}__log_key"),
+                    schema,
+                    sql.Identifier(f"{entity}__log"),
+                )
+            )
             self.conn.execute(
                 sql.SQL(
                     "INSERT INTO {}._fs_entities (entity, key_columns) VALUES (%s, %s)"
@@ -311,6 +320,10 @@ class Staging:
                         "truncated_lsn = %s, updated_at = now() WHERE entity = %s"
                     ).format(schema),
                     (watermark, t_commit, t_lsn, entity),
+                )
+                # delivered at commit: wakes the gateway's long-polls for this entity
+                self.conn.execute(
+                    "SELECT pg_notify(%s, %s)", (CHANGES_CHANNEL, f"{org}.{entity}:{watermark}")
                 )
             result.watermark = watermark
         return result
