@@ -1,0 +1,1 @@
+"""Reference device client: a local SQLite copy of one user's offline view."""

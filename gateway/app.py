@@ -1,0 +1,374 @@
+"""The FastAPI application: sync endpoint for devices, admin endpoint, health and metrics.
+
+The organisation comes from the path (``/orgs/<org>/…``) or, with ``FIELDSYNC_GATEWAY_DOMAIN``
+set, from the host name ``<org>.<domain>`` (DNS routing by org), which is rewritten to the path
+form. Gateways keep no state of their own: run as many as needed behind an L4 balancer.
+"""
+
+import contextlib
+import logging
+import re
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import orjson
+import psycopg
+from anyio import to_thread
+from fastapi import Body, Depends, FastAPI, Header, Query, Request
+from fastapi import Path as PathParam
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from psycopg_pool import ConnectionPool
+from pydantic import BaseModel, Field
+from starlette.middleware.gzip import GZipMiddleware
+
+from engine.config import Settings
+from engine.projections.staging import org_schema
+from gateway.access import AccessError
+from gateway.auth import Authenticator, Forbidden, Principal, Unauthorized
+from gateway.live import LiveHub, wait_any
+from gateway.metrics import METRICS
+from gateway.store import UnknownOrg, ensure_schema, org_state, put_config
+from gateway.sync import SyncService
+from gateway.tokens import BadToken
+
+log = logging.getLogger("fieldsync.gateway")
+
+ORG = r"^[a-z][a-z0-9_]{0,39}$"
+ENTITY = r"^[a-z_][a-z0-9_]{0,62}$"
+Section = Literal["entities", "roles", "profiles", "users"]
+
+
+class SyncRequest(BaseModel):
+    """Tokens per entity (``null``: the device has nothing yet); entities of the profile that are
+    missing get ``must_bootstrap``, entities no longer in it get ``removed``."""
+
+    tokens: dict[str, str | None] = Field(default_factory=dict)
+    wait: float = Field(default=0, ge=0, description="long-poll: seconds to wait for a change")
+    limit: int | None = Field(default=None, ge=1, description="rows per entity and page")
+
+
+def token_secret(settings: Settings) -> str:
+    """The configured sync-token secret, or one kept (0600) in the data directory."""
+    if settings.gateway_token_secret is not None:
+        return settings.gateway_token_secret.get_secret_value()
+    path = settings.data_dir / "gateway_token_secret"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError), path.open("x") as out:
+        path.chmod(0o600)
+        out.write(secrets.token_urlsafe(48))
+    return Path(path).read_text().strip()
+
+
+def create_app(
+    settings: Settings, staging_dsn: str, *, clock: Callable[[], float] = time.time
+) -> FastAPI:
+    authenticator = Authenticator(settings)
+    pool: ConnectionPool[Any] = ConnectionPool(
+        staging_dsn, min_size=1, max_size=16, open=False, kwargs={"autocommit": True}
+    )
+    service = SyncService(pool, token_secret(settings), settings.gateway_page_rows, clock)
+    live = LiveHub(staging_dsn)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await to_thread.run_sync(pool.open)
+        with pool.connection() as conn:
+            ensure_schema(conn)
+        live.start()
+        yield
+        await live.stop()
+        await to_thread.run_sync(pool.close)
+
+    app = FastAPI(
+        title="FieldSync gateway",
+        version="1",
+        summary="Sync endpoint for offline devices and admin endpoint (see docs/protocol.md).",
+        lifespan=lifespan,
+    )
+    app.add_middleware(GZipMiddleware, minimum_size=2048)
+
+    # -- cross-cutting: org from host, errors, metrics --------------------------------------
+    domain = settings.gateway_domain
+    host_org = (
+        re.compile(rf"^([a-z][a-z0-9_]{{0,39}})\.{re.escape(domain)}(:\d+)?$") if domain else None
+    )
+
+    @app.middleware("http")
+    async def route_and_measure(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        path = request.url.path
+        if host_org is not None and not path.startswith(
+            ("/orgs/", "/admin/", "/healthz", "/readyz", "/metrics", "/docs", "/openapi")
+        ):
+            match = host_org.match(request.headers.get("host", ""))
+            if match:
+                request.scope["path"] = f"/orgs/{match.group(1)}{path}"
+        request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")
+        METRICS.requests.labels(endpoint, str(response.status_code)).inc()
+        METRICS.latency.labels(endpoint).observe(time.perf_counter() - started)
+        response.headers["x-request-id"] = request.state.request_id
+        return response
+
+    def error(status: int, code: str, message: str) -> JSONResponse:
+        return JSONResponse({"error": code, "detail": message}, status_code=status)
+
+    @app.exception_handler(Unauthorized)
+    async def _unauthorized(_: Request, exc: Unauthorized) -> JSONResponse:
+        response = error(401, "unauthorized", str(exc))
+        response.headers["www-authenticate"] = "Bearer"
+        return response
+
+    @app.exception_handler(Forbidden)
+    async def _forbidden(_: Request, exc: Forbidden) -> JSONResponse:
+        return error(403, "forbidden", str(exc))
+
+    @app.exception_handler(BadToken)
+    async def _bad_token(_: Request, exc: BadToken) -> JSONResponse:
+        return error(400, "bad_sync_token", str(exc))
+
+    @app.exception_handler(AccessError)
+    async def _bad_config(_: Request, exc: AccessError) -> JSONResponse:
+        return error(422, "invalid_offline_config", str(exc))
+
+    @app.exception_handler(UnknownOrg)
+    async def _unknown_org(_: Request, exc: UnknownOrg) -> JSONResponse:
+        return error(404, "unknown_org", f"organisation {exc} is not provisioned")
+
+    @app.exception_handler(psycopg.OperationalError)
+    async def _database_down(request: Request, exc: psycopg.OperationalError) -> JSONResponse:
+        log.warning("request %s: staging unavailable: %s", request.state.request_id, exc)
+        return error(503, "staging_unavailable", "staging database unavailable; retry later")
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request %s failed", getattr(request.state, "request_id", "?"))
+        return error(500, "internal", f"internal error (request {request.state.request_id})")
+
+    # -- auth -------------------------------------------------------------------------------
+    def principal(authorization: Annotated[str | None, Header()] = None) -> Principal:
+        return authenticator.verify(authorization)
+
+    def admin(org: str, who: Principal) -> None:
+        if not who.admin:
+            raise Forbidden("the admin API needs a token with scope fieldsync:admin")
+        if not who.may_use(org):
+            raise Forbidden(f"token is for org {who.org!r}, not {org!r}")
+
+    Who = Annotated[Principal, Depends(principal)]
+    OrgPath = Annotated[str, PathParam(pattern=ORG)]
+
+    # -- health and metrics -----------------------------------------------------------------
+    @app.get("/healthz", tags=["operations"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"])
+    async def readyz() -> JSONResponse:
+        def probe() -> None:
+            with pool.connection(timeout=2) as conn:
+                conn.execute("SELECT 1")
+
+        problems = []
+        try:
+            await to_thread.run_sync(probe)
+        except Exception as exc:
+            problems.append(f"staging: {type(exc).__name__}")
+        if not live.connected.is_set():
+            problems.append("live updates: not listening")
+        if problems:
+            return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", tags=["operations"])
+    async def metrics() -> Response:
+        return Response(generate_latest(METRICS.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # -- sync endpoint ----------------------------------------------------------------------
+    @app.get("/orgs/{org}/metadata", tags=["sync"])
+    async def metadata(org: OrgPath, who: Who) -> dict[str, Any]:
+        """The device's client model: entities of its profile, columns, keys, relationships."""
+        return await to_thread.run_sync(service.metadata, org, who)
+
+    @app.post("/orgs/{org}/sync", tags=["sync"])
+    async def sync(org: OrgPath, who: Who, body: SyncRequest) -> Response:
+        """Deltas for every entity of the profile, in priority order; ``wait`` long-polls."""
+        wait = min(body.wait, settings.gateway_max_wait_s)
+        results, watched = await to_thread.run_sync(service.sync, org, who, body.tokens, body.limit)
+        if wait > 0 and all(r.empty for r in results):
+            events = live.events(org, watched)
+            # a change between the first read and taking the events: read once more
+            results, _ = await to_thread.run_sync(service.sync, org, who, body.tokens, body.limit)
+            if all(r.empty for r in results):
+                METRICS.long_polls.inc()
+                try:
+                    woken = await wait_any(events, wait)
+                finally:
+                    METRICS.long_polls.dec()
+                if woken:
+                    results, _ = await to_thread.run_sync(
+                        service.sync, org, who, body.tokens, body.limit
+                    )
+        content = orjson.dumps({"org": org, "entities": [r.to_json() for r in results]})
+        return Response(content, media_type="application/json")
+
+    @app.get("/orgs/{org}/bootstrap/{entity}", tags=["sync"])
+    async def bootstrap(
+        org: OrgPath,
+        entity: Annotated[str, PathParam(pattern=ENTITY)],
+        who: Who,
+        cursor: Annotated[str | None, Query(description="resume after a cut connection")] = None,
+    ) -> StreamingResponse:
+        """NDJSON: header, rows, ``$cursor`` after each page, ``$done`` with the delta token."""
+        lines = await to_thread.run_sync(service.bootstrap, org, who, entity, cursor)
+
+        async def stream() -> AsyncIterator[bytes]:
+            iterator = iter(lines)
+            while True:
+                chunk = await to_thread.run_sync(next, iterator, None)
+                if chunk is None:
+                    return
+                yield chunk
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+    # -- admin endpoint ---------------------------------------------------------------------
+    def _db(fn: Callable[[psycopg.Connection[Any]], Any]) -> Awaitable[Any]:
+        def run() -> Any:
+            with pool.connection() as conn:
+                return fn(conn)
+
+        return to_thread.run_sync(run)
+
+    @app.get("/admin/orgs", tags=["admin"])
+    async def list_orgs(who: Who) -> list[str]:
+        if not who.admin:
+            raise Forbidden("the admin API needs a token with scope fieldsync:admin")
+        rows = await _db(
+            lambda c: c.execute("SELECT org FROM fieldsync_control.orgs ORDER BY org").fetchall()
+        )
+        return [org for (org,) in rows if who.may_use(org)]
+
+    @app.get("/orgs/{org}/admin/status", tags=["admin"])
+    async def status(org: OrgPath, who: Who) -> dict[str, Any]:
+        """Per entity: watermark, retention horizon, counts (consumed, applied, dead letters)."""
+        admin(org, who)
+
+        def read(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+            epoch, _, revision = org_state(conn, org)
+            entities: dict[str, Any] = {}
+            if conn.execute(
+                "SELECT to_regclass(%s)", (f'"{org_schema(org)}"._fs_entities',)
+            ).fetchone()[0]:  # type: ignore[index]
+                from psycopg import sql
+
+                for entity, version, horizon, horizon_at, updated in conn.execute(
+                    sql.SQL(
+                        "SELECT entity, version, horizon_version, horizon_at, updated_at"
+                        " FROM {}._fs_entities ORDER BY entity"
+                    ).format(sql.Identifier(org_schema(org)))
+                ):
+                    entities[entity] = {
+                        "watermark": version,
+                        "horizon": horizon,
+                        "horizon_at": horizon_at.isoformat() if horizon_at else None,
+                        "updated_at": updated.isoformat(),
+                    }
+            for entity, consumed, applied, duplicates, dead in conn.execute(
+                "SELECT entity, consumed, applied, duplicates, dead_lettered"
+                " FROM fieldsync_control.projection_counts WHERE org = %s",
+                (org,),
+            ):
+                entities.setdefault(entity, {}).update(
+                    consumed=consumed, applied=applied, duplicates=duplicates, dead_lettered=dead
+                )
+            return {"org": org, "staging_epoch": epoch, "config_revision": revision,
+                    "entities": entities}  # fmt: skip
+
+        return await _db(read)  # type: ignore[no-any-return]
+
+    @app.get("/orgs/{org}/admin/offline", tags=["admin"])
+    async def get_offline(org: OrgPath, who: Who) -> dict[str, Any]:
+        admin(org, who)
+        _, config, revision = await _db(lambda c: org_state(c, org))
+        return {"revision": revision, "config": config.model_dump(mode="json")}
+
+    @app.put("/orgs/{org}/admin/offline", tags=["admin"])
+    async def put_offline(
+        org: OrgPath, who: Who, document: Annotated[dict[str, Any], Body()]
+    ) -> dict[str, Any]:
+        """Replace the whole offline configuration (validated against staging)."""
+        admin(org, who)
+        config, revision = await _db(lambda c: put_config(c, org, document))
+        return {"revision": revision, "config": config.model_dump(mode="json")}
+
+    @app.put("/orgs/{org}/admin/offline/{section}/{name}", tags=["admin"])
+    async def put_item(
+        org: OrgPath,
+        section: Section,
+        name: Annotated[str, PathParam(min_length=1, max_length=200)],
+        who: Who,
+        item: Annotated[dict[str, Any], Body()],
+    ) -> dict[str, Any]:
+        """Add or replace one entity, role, profile or user."""
+        admin(org, who)
+
+        def update(conn: psycopg.Connection[Any]) -> Any:
+            _, config, _ = org_state(conn, org)
+            document = config.model_dump(mode="json")
+            document[section][name] = item
+            return put_config(conn, org, document)
+
+        config, revision = await _db(update)
+        return {
+            "revision": revision,
+            section: {name: config.model_dump(mode="json")[section][name]},
+        }
+
+    @app.delete("/orgs/{org}/admin/offline/{section}/{name}", tags=["admin"])
+    async def delete_item(org: OrgPath, section: Section, name: str, who: Who) -> dict[str, Any]:
+        """Remove one entity, role, profile or user (refused while something refers to it)."""
+        admin(org, who)
+
+        def update(conn: psycopg.Connection[Any]) -> Any:
+            _, config, _ = org_state(conn, org)
+            document = config.model_dump(mode="json")
+            if name not in document[section]:
+                raise AccessError(f"{section}.{name}: not configured")
+            del document[section][name]
+            return put_config(conn, org, document)
+
+        _, revision = await _db(update)
+        return {"revision": revision}
+
+    return app
+
+
+def run_gateway(settings: Settings, staging_dsn: str) -> None:
+    """Serve until SIGTERM/SIGINT (TLS when a certificate and key are configured)."""
+    import uvicorn
+
+    app = create_app(settings, staging_dsn)
+    uvicorn.run(
+        app,
+        host=settings.gateway_host,
+        port=settings.gateway_port,
+        log_level=settings.log_level.lower(),
+        ssl_certfile=str(settings.gateway_tls_cert) if settings.gateway_tls_cert else None,
+        ssl_keyfile=str(settings.gateway_tls_key) if settings.gateway_tls_key else None,
+        loop="uvloop",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+
+
+__all__ = ["SyncRequest", "create_app", "run_gateway", "token_secret"]

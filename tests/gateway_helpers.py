@@ -1,0 +1,231 @@
+"""A staging world written by the real :class:`Staging`, a real gateway on loopback, JWTs.
+
+:class:`World` keeps its own model of the source rows (the oracle) and applies every change to
+staging through ``Staging.apply`` — the projector's own write path — so the gateway reads exactly
+what a projector would have written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import jwt
+import psycopg
+import uvicorn
+
+from engine.config import Settings, load_settings
+from engine.projections.app import register_org
+from engine.projections.model import ChangeEvent, ColumnSpec, EntityShape, Origin, Position
+from engine.projections.staging import Staging
+from engine.runtime.embedded import free_port
+from gateway.app import create_app
+from gateway.store import ensure_schema, put_config
+
+JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789"
+TOKEN_SECRET = "test-sync-token-secret-0123456789abcdef"
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+SHAPES: dict[str, EntityShape] = {
+    "account": EntityShape(
+        (
+            ColumnSpec("id", "integer", True),
+            ColumnSpec("owner_id", "text", False),
+            ColumnSpec("name", "text", False),
+        )
+    ),
+    "job": EntityShape(
+        (
+            ColumnSpec("id", "integer", True),
+            ColumnSpec("owner_id", "text", False),
+            ColumnSpec("status", "text", False),
+            ColumnSpec("due", "timestamptz", False),
+            ColumnSpec("amount", "numeric(10,2)", False),
+            ColumnSpec("account_id", "integer", False),
+        )
+    ),
+}
+
+
+@dataclass
+class World:
+    """Source rows (the oracle) mirrored into staging, one change per ``Staging.apply``."""
+
+    dsn: str
+    org: str
+    rows: dict[str, dict[int, dict[str, Any]]] = field(
+        default_factory=lambda: {e: {} for e in SHAPES}
+    )
+    lsn: int = 0
+    now: float = T0.timestamp()
+
+    def __post_init__(self) -> None:
+        register_org(self.dsn, self.org)
+        self._conn = psycopg.connect(self.dsn)
+        self._staging = Staging(self._conn)
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            ensure_schema(conn)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def clock(self) -> float:
+        return self.now
+
+    def _apply(self, entity: str, op: str, key: int, image: dict[str, Any] | None) -> None:
+        self.lsn += 10
+        event = ChangeEvent(
+            org=self.org,
+            entity=entity,
+            op=op,
+            key={"id": key},
+            before=image if op == "d" else None,
+            after=None if op == "d" else image,
+            position=Position(self.lsn, self.lsn),
+            shape=SHAPES[entity],
+            source_ts_ms=int(self.now * 1000),
+            origin=Origin(f"fieldsync.{self.org}.{entity}", 0, self.lsn),
+        )
+        self._staging.apply(self.org, entity, [event])
+
+    def upsert(self, entity: str, key: int, **values: Any) -> None:
+        existing = self.rows[entity].get(key)
+        row = {c.name: None for c in SHAPES[entity].columns} | (existing or {}) | values
+        row["id"] = key
+        self.rows[entity][key] = row
+        self._apply(entity, "u" if existing else "c", key, dict(row))
+
+    def delete(self, entity: str, key: int) -> None:
+        row = self.rows[entity].pop(key)
+        self._apply(entity, "d", key, dict(row))
+
+
+def job(
+    owner: str, status: str = "open", due_days: float = 0, amount: str = "1.00", account: int = 1
+) -> dict[str, Any]:
+    return {
+        "owner_id": owner,
+        "status": status,
+        "due": T0 + timedelta(days=due_days),
+        "amount": Decimal(amount),
+        "account_id": account,
+    }
+
+
+def settings_for(tmp: Any, **overrides: Any) -> Settings:
+    return load_settings(
+        data_dir=tmp,
+        gateway_jwt_secret=JWT_SECRET,
+        gateway_token_secret=TOKEN_SECRET,
+        gateway_page_rows=overrides.pop("gateway_page_rows", 50),
+        **overrides,
+    )
+
+
+@contextlib.contextmanager
+def running_gateway(
+    settings: Settings, dsn: str, clock: Callable[[], float] = time.time
+) -> Iterator[str]:
+    """A real uvicorn server on a free loopback port; yields its base URL."""
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(settings, dsn, clock=clock),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        loop="asyncio",
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("gateway did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def mint(
+    org: str,
+    user: str,
+    roles: list[str],
+    *,
+    teams: list[str] | None = None,
+    secret: str = JWT_SECRET,
+    audience: str = "fieldsync",
+    expires_in: float = 3600,
+    scope: str | None = None,
+    algorithm: str = "HS256",
+    **claims: Any,
+) -> str:
+    payload: dict[str, Any] = {
+        "org": org,
+        "sub": user,
+        "roles": roles,
+        "aud": audience,
+        "exp": int(time.time() + expires_in),
+        **claims,
+    }
+    if teams is not None:
+        payload["teams"] = teams
+    if scope:
+        payload["scope"] = scope
+    return jwt.encode(payload, secret, algorithm=algorithm)
+
+
+OFFLINE: Mapping[str, Any] = {
+    "entities": {"account": {"owner_column": "owner_id"}, "job": {"owner_column": "owner_id"}},
+    "roles": {
+        "technician": {"profile": "field"},
+        "dispatcher": {"profile": "dispatch"},
+        "auditor": {"profile": None},
+    },
+    "profiles": {
+        "field": {
+            "items": [
+                {
+                    "entity": "job",
+                    "distribution": "custom",
+                    "priority": 1,
+                    "filter": {
+                        "and": [
+                            {"field": "owner_id", "op": "eq", "value": "$user_id"},
+                            {"field": "status", "op": "ne", "value": "closed"},
+                            {"field": "due", "op": "last_days", "value": 7},
+                        ]
+                    },
+                },
+                {
+                    "entity": "account",
+                    "distribution": "related",
+                    "related": {"entity": "job", "column": "account_id"},
+                    "priority": 2,
+                },
+            ]
+        },
+        "dispatch": {
+            "items": [
+                {"entity": "job", "distribution": "team", "priority": 1},
+                {"entity": "account", "distribution": "all", "priority": 5},
+            ]
+        },
+    },
+    "users": {},
+}
+
+
+def configure(dsn: str, org: str, document: Mapping[str, Any] = OFFLINE) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        put_config(conn, org, dict(document))
