@@ -112,10 +112,10 @@ def validate_config(config: OfflineConfig, catalog: Catalog) -> None:
     for name, profile in config.profiles.items():
         for index, item in enumerate(profile.items):
             _validate_item(config, catalog, f"profiles.{name}.items[{index}]", item, profile)
-    for user, access in config.users.items():
-        for role in access.roles:
-            if role not in config.roles:
-                raise AccessError(f"users.{user}.roles: no role {role!r}")
+    for user, assigned in config.users.items():
+        for role_name in assigned.roles:
+            if role_name not in config.roles:
+                raise AccessError(f"users.{user}.roles: no role {role_name!r}")
 
 
 def _validate_item(
@@ -175,7 +175,7 @@ class UserView:
         involved = {entity} | {
             i.related.entity for i in self.items[entity] if i.related is not None
         }
-        material = {
+        material: dict[str, Any] = {
             e: {
                 "items": [i.model_dump() for i in self.items.get(e, ())],
                 "owner": config.entities[e].owner_column if e in config.entities else None,

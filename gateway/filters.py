@@ -122,15 +122,15 @@ def validate_filter(
     if combinators:
         if len(node) != 1:
             raise FilterError(f"{path}: {sorted(combinators)[0]!r} must be the only key")
-        (name,) = combinators
-        body = node[name]
-        if name == "not":
+        (combinator,) = combinators
+        body = node[combinator]
+        if combinator == "not":
             validate_filter(body, columns, f"{path}.not", depth + 1)
             return
         if not isinstance(body, list) or not body:
-            raise FilterError(f"{path}.{name}: expected a non-empty list of filters")
+            raise FilterError(f"{path}.{combinator}: expected a non-empty list of filters")
         for index, child in enumerate(body):
-            validate_filter(child, columns, f"{path}.{name}[{index}]", depth + 1)
+            validate_filter(child, columns, f"{path}.{combinator}[{index}]", depth + 1)
         return
     unknown = node.keys() - {"field", "op", "value"}
     if unknown:
@@ -244,7 +244,8 @@ def compile_filter(
     if op == "not_null":
         return sql.SQL("({} IS NOT NULL)").format(column)
     if op in WINDOWS:
-        atoms = [_window(column, op, value, compiled, clock) for clock in clocks]
+        days = int(node["value"])
+        atoms = [_window(column, op, days, compiled, clock) for clock in clocks]
         compiled.windows.append((atoms[0], atoms[1]))
         return atoms[0]
     if isinstance(value, str) and value in PARAMETERS:

@@ -62,7 +62,7 @@ def load_catalog(conn: psycopg.Connection[Any], org: str) -> dict[str, EntityMet
     if not rows:
         return {}
     keys = dict(
-        conn.execute(  # type: ignore[arg-type]
+        conn.execute(
             sql.SQL("SELECT entity, key_columns FROM {}._fs_entities").format(
                 sql.Identifier(schema)
             )
@@ -264,7 +264,7 @@ def bootstrap_page(
     rows = [row.encode() for _, row in found]
     last = found[-1][0] if len(found) == limit else None
     # keys changed above the watermark: their state at it, in this page's key range
-    upto_clause = sql.SQL("")
+    upto_clause: sql.Composable = sql.SQL("")
     if last is not None:
         import orjson
 

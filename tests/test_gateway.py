@@ -312,7 +312,8 @@ def test_must_bootstrap_only_for_the_entity_concerned(
     }  # fmt: skip
     configure(fresh_database, world.org, changed)
     result = answer(tokens)
-    assert (result["job"]["control"], result["job"]["reason"]) == ("must_bootstrap", "rules_changed")
+    job_result = (result["job"]["control"], result["job"]["reason"])
+    assert job_result == ("must_bootstrap", "rules_changed")
     assert result["account"]["control"] is None
     # a new staging epoch (replay): every entity re-bootstraps
     with psycopg.connect(fresh_database, autocommit=True) as conn:
@@ -328,7 +329,8 @@ def test_must_bootstrap_only_for_the_entity_concerned(
     world.upsert("job", 1, status="closed")
     with psycopg.connect(fresh_database, autocommit=True) as conn:
         conn.execute(
-            f"UPDATE org_{world.org}._fs_entities SET horizon_version = version WHERE entity = 'job'"
+            f"UPDATE org_{world.org}._fs_entities SET horizon_version = version"
+            " WHERE entity = 'job'"
         )
     result = answer(tokens)
     assert result["job"]["reason"] == "below_retention_horizon"
@@ -457,7 +459,9 @@ def test_org_from_host_name_metadata_and_health(
         assert "fieldsync_gateway_active_long_polls" in metrics
         # unknown org → 404, bad org name → 422, both without a trace
         other = mint("nope", "u1", ["technician"])
-        missing = httpx.get(f"{url}/orgs/nope/metadata", headers={"authorization": f"Bearer {other}"})
+        missing = httpx.get(
+            f"{url}/orgs/nope/metadata", headers={"authorization": f"Bearer {other}"}
+        )
         assert missing.status_code == 404 and "not provisioned" in missing.text
         bad = httpx.get(f"{url}/orgs/NOPE!/metadata", headers=auth)
         assert bad.status_code == 422
