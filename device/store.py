@@ -57,7 +57,8 @@ def to_sqlite(value: Any) -> Any:
 
 class LocalStore:
     def __init__(self, path: Path | str) -> None:
-        self.db = sqlite3.connect(str(path), isolation_level=None)
+        # one client at a time, but not necessarily from the thread that opened it
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS _fs_sync (entity TEXT PRIMARY KEY, token TEXT,"

@@ -327,3 +327,12 @@ def _mount_sample() -> None:
 
 
 _mount_sample()
+
+
+def _mount_gateway() -> None:
+    from gateway.cli import mount
+
+    mount(app)
+
+
+_mount_gateway()

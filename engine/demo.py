@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from engine.config import Settings
+from engine.demo_device import run_device
 from engine.inspect import summary_table, topic_summary
 from engine.orgfile import SAMPLE_ENTITIES
 from engine.projections.app import register_org
@@ -179,7 +180,7 @@ async def _capture(
         diff = {e: (source[e], replayed.get(e)) for e in source if source[e] != replayed.get(e)}
         console.print(f"[red]✗ topics and source differ (source, topics): {diff}[/]")
         raise SystemExit(1)
-    await asyncio.to_thread(_project, console, endpoints, spec, source)
+    await asyncio.to_thread(_project, settings, console, endpoints, spec, source, source_dsn)
     console.print(
         "Inspect further with [bold]fieldsync topics[/] and "
         f"[bold]fieldsync topics {change_topic(spec.org, 'account')}[/] (while `make up` runs)."
@@ -211,7 +212,12 @@ def _staging_counts(staging_dsn: str, spec: CaptureSpec) -> dict[str, tuple[int,
 
 
 def _project(
-    console: Console, endpoints: Endpoints, spec: CaptureSpec, source: dict[str, int]
+    settings: Settings,
+    console: Console,
+    endpoints: Endpoints,
+    spec: CaptureSpec,
+    source: dict[str, int],
+    source_dsn: str,
 ) -> None:
     """Run a projector worker until staging holds exactly the source's rows."""
     with psycopg.connect(endpoints.staging_dsn, autocommit=True) as conn:
@@ -251,12 +257,25 @@ def _project(
                 tail = log_path.read_text(errors="replace")[-3000:]
                 raise SystemExit(f"projector did not converge: {counts}\n{tail}")
             time.sleep(0.5)
+        _print_staging(console, spec, counts, source, started)
+        run_device(
+            settings, console, spec, source_dsn, endpoints.staging_dsn, endpoints.bootstrap_servers
+        )
     finally:
         worker.send_signal(signal.SIGTERM)
         try:
             worker.wait(timeout=30)
         except subprocess.TimeoutExpired:
             worker.kill()
+
+
+def _print_staging(
+    console: Console,
+    spec: CaptureSpec,
+    counts: dict[str, tuple[int, int, int]],
+    source: dict[str, int],
+    started: float,
+) -> None:
     table = Table(
         title=f"Staging {org_schema(spec.org)}"
         f" ({time.perf_counter() - started:.1f}s incl. worker start)"

@@ -86,3 +86,13 @@ def load_capture_spec(path: Path, *, source_dsn: str | None = None) -> CaptureSp
             f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in error.errors()
         )
         raise ConfigError(f"org file {path}: {problems}") from None
+
+
+def load_offline_section(path: Path) -> dict[str, Any] | None:
+    """The org file's ``offline:`` section (entities, roles, profiles, users), if it has one;
+    validated by the gateway against staging when it is applied."""
+    data = _read(path)
+    section = data.get("offline")
+    if section is not None and not isinstance(section, dict):
+        raise ConfigError(f"org file {path}: 'offline' must be a mapping")
+    return section

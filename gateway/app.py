@@ -52,11 +52,9 @@ class SyncRequest(BaseModel):
     limit: int | None = Field(default=None, ge=1, description="rows per entity and page")
 
 
-def token_secret(settings: Settings) -> str:
-    """The configured sync-token secret, or one kept (0600) in the data directory."""
-    if settings.gateway_token_secret is not None:
-        return settings.gateway_token_secret.get_secret_value()
-    path = settings.data_dir / "gateway_token_secret"
+def data_dir_secret(settings: Settings, name: str) -> str:
+    """A random secret kept (0600) in the data directory, created on first use."""
+    path = settings.data_dir / name
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileExistsError), path.open("x") as out:
         path.chmod(0o600)
@@ -64,10 +62,30 @@ def token_secret(settings: Settings) -> str:
     return Path(path).read_text().strip()
 
 
+def token_secret(settings: Settings) -> str:
+    """The configured sync-token secret, or one kept in the data directory."""
+    if settings.gateway_token_secret is not None:
+        return settings.gateway_token_secret.get_secret_value()
+    return data_dir_secret(settings, "gateway_token_secret")
+
+
+def dev_jwt_secret(settings: Settings) -> str:
+    """The embedded runtime's HS256 secret for device JWTs (``fieldsync token`` mints with it);
+    deployments set FIELDSYNC_GATEWAY_JWT_SECRET or FIELDSYNC_GATEWAY_JWKS instead."""
+    return data_dir_secret(settings, "gateway_jwt_secret")
+
+
 def create_app(
-    settings: Settings, staging_dsn: str, *, clock: Callable[[], float] = time.time
+    settings: Settings,
+    staging_dsn: str,
+    *,
+    clock: Callable[[], float] = time.time,
+    embedded: bool = False,
 ) -> FastAPI:
-    authenticator = Authenticator(settings)
+    """The app; ``embedded`` (the ``fieldsync up`` runtime) allows the data-dir JWT secret."""
+    authenticator = Authenticator(
+        settings, dev_secret=dev_jwt_secret(settings) if embedded else None
+    )
     pool: ConnectionPool[Any] = ConnectionPool(
         staging_dsn, min_size=1, max_size=16, open=False, kwargs={"autocommit": True}
     )
@@ -353,11 +371,11 @@ def create_app(
     return app
 
 
-def run_gateway(settings: Settings, staging_dsn: str) -> None:
+def run_gateway(settings: Settings, staging_dsn: str, *, embedded: bool = False) -> None:
     """Serve until SIGTERM/SIGINT (TLS when a certificate and key are configured)."""
     import uvicorn
 
-    app = create_app(settings, staging_dsn)
+    app = create_app(settings, staging_dsn, embedded=embedded)
     uvicorn.run(
         app,
         host=settings.gateway_host,
@@ -371,4 +389,4 @@ def run_gateway(settings: Settings, staging_dsn: str) -> None:
     )
 
 
-__all__ = ["SyncRequest", "create_app", "run_gateway", "token_secret"]
+__all__ = ["SyncRequest", "create_app", "dev_jwt_secret", "run_gateway", "token_secret"]

@@ -50,9 +50,11 @@ class Principal:
 class Authenticator:
     """Verifies bearer tokens with the configured keys."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, dev_secret: str | None = None) -> None:
         self._secret = (
-            settings.gateway_jwt_secret.get_secret_value() if settings.gateway_jwt_secret else None
+            settings.gateway_jwt_secret.get_secret_value()
+            if settings.gateway_jwt_secret
+            else dev_secret
         )
         self._audience = settings.gateway_jwt_audience
         self._issuer = settings.gateway_jwt_issuer
