@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,12 +59,13 @@ class DeviceClient:
         http: httpx.Client | None = None,
         page_rows: int | None = None,
         gzip: bool = True,
-        verify: bool | str = True,
+        verify: bool | str = True,  # a path: trust this CA bundle
     ) -> None:
         self.base = base_url.rstrip("/") + f"/orgs/{org}"
         self._token = token
         self.store = LocalStore(database)
-        self.http = http or httpx.Client(timeout=httpx.Timeout(30.0, read=120.0), verify=verify)
+        trust = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
+        self.http = http or httpx.Client(timeout=httpx.Timeout(30.0, read=120.0), verify=trust)
         self.page_rows = page_rows
         self.gzip = gzip
 

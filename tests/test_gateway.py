@@ -539,3 +539,127 @@ def test_sync_tokens_are_signed_with_the_deployment_secret() -> None:
     assert decode(encode(token, TOKEN_SECRET), TOKEN_SECRET) == token
     with pytest.raises(BadToken):
         decode(encode(token, "another-secret-of-enough-length-000"), TOKEN_SECRET)
+
+
+# -- asymmetric keys and TLS ---------------------------------------------------------------------
+
+
+def _rsa_and_ec_keys(folder: Path) -> tuple[Any, Any, Path]:
+    """An RSA and an EC private key and a JWKS file with their public halves."""
+    import json
+
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    keys = []
+    for kid, algorithm, key in (
+        ("r1", RSAAlgorithm, rsa_key),
+        ("e1", ECAlgorithm, ec_key),
+    ):
+        jwk = json.loads(algorithm.to_jwk(key.public_key()))
+        jwk["kid"] = kid
+        keys.append(jwk)
+    path = folder / "jwks.json"
+    path.write_text(json.dumps({"keys": keys}))
+    return rsa_key, ec_key, path
+
+
+def test_rs256_and_es256_tokens_from_a_jwks_file(
+    fresh_database: str, tmp_path: Path, clock: Clock
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    world = new_world(fresh_database, clock)
+    rsa_key, ec_key, jwks = _rsa_and_ec_keys(tmp_path)
+    claims = {"org": world.org, "sub": "u1", "roles": ["technician"], "aud": "fieldsync",
+              "exp": int(time.time()) + 600}  # fmt: skip
+    settings = settings_for(tmp_path, gateway_jwt_secret=None, gateway_jwks=str(jwks))
+    with running_gateway(settings, fresh_database, clock) as url:
+
+        def status(token: str) -> int:
+            response = httpx.get(
+                f"{url}/orgs/{world.org}/metadata", headers={"authorization": f"Bearer {token}"}
+            )
+            return response.status_code
+
+        assert status(jwt.encode(claims, rsa_key, algorithm="RS256", headers={"kid": "r1"})) == 200
+        assert status(jwt.encode(claims, ec_key, algorithm="ES256", headers={"kid": "e1"})) == 200
+        # signed by a key that is not in the JWKS
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        assert status(jwt.encode(claims, stranger, algorithm="RS256", headers={"kid": "r1"})) == 401
+        # HS256 "signed" with the RSA public key (algorithm confusion) is refused
+        public_pem = rsa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        import hashlib
+        import hmac
+
+        header = jwt.utils.base64url_encode(b'{"alg":"HS256","typ":"JWT","kid":"r1"}')
+        body = jwt.utils.base64url_encode(
+            jwt.api_jws.json.dumps(claims, separators=(",", ":")).encode()
+        )
+        signature = jwt.utils.base64url_encode(
+            hmac.new(public_pem, header + b"." + body, hashlib.sha256).digest()
+        )
+        confused = (header + b"." + body + b"." + signature).decode()
+        assert status(confused) == 401
+    world.close()
+
+
+def test_gateway_serves_tls_with_a_certificate_and_key(
+    fresh_database: str, tmp_path: Path, clock: Clock
+) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    import ipaddress
+
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(datetime.now(UTC) - timedelta(minutes=1))
+        .not_valid_after(datetime.now(UTC) + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    world = new_world(fresh_database, clock)
+    settings = settings_for(tmp_path, gateway_tls_cert=cert_path, gateway_tls_key=key_path)
+    with running_gateway(settings, fresh_database, clock) as url:
+        secure = url.replace("http://", "https://")
+        client = DeviceClient(
+            secure,
+            world.org,
+            mint(world.org, "u1", ["technician"]),
+            tmp_path / "tls.sqlite",
+            verify=str(cert_path),
+        )
+        report = client.sync()
+        assert sorted(report.bootstrapped) == ["account", "job"]
+        assert local(client.store) == view(world, "u1", clock.now)
+        client.close()
+        with pytest.raises(httpx.ConnectError):  # an untrusted client does not get in
+            httpx.get(f"{secure}/healthz")
+    world.close()
