@@ -63,29 +63,19 @@ def load_org_registration(path: Path) -> OrgRegistration:
         raise _validation_problems(path, error) from None
 
 
+# sections of an org file that other components read (projector, gateway), not capture
+NOT_CAPTURE = ("offline", "retention_days", "debezium_topics")
+
+
 def load_capture_spec(path: Path, *, source_dsn: str | None = None) -> CaptureSpec:
     """Read an org file; ``source_dsn`` (from the command line) overrides the file's."""
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise ConfigError(f"org file {path}: {error.strerror}") from None
-    try:
-        data: Any = orjson.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (orjson.JSONDecodeError, yaml.YAMLError) as error:
-        raise ConfigError(
-            f"org file {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}"
-        ) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"org file {path}: expected a mapping at the top level")
+    data = {k: v for k, v in _read(path).items() if k not in NOT_CAPTURE}
     if source_dsn is not None:
         data["source_dsn"] = source_dsn
     try:
         return CaptureSpec.model_validate(data)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in error.errors()
-        )
-        raise ConfigError(f"org file {path}: {problems}") from None
+        raise _validation_problems(path, error) from None
 
 
 def load_offline_section(path: Path) -> dict[str, Any] | None:

@@ -663,3 +663,16 @@ def test_gateway_serves_tls_with_a_certificate_and_key(
         with pytest.raises(httpx.ConnectError):  # an untrusted client does not get in
             httpx.get(f"{secure}/healthz")
     world.close()
+
+
+def test_example_org_file_offers_what_the_demo_configures() -> None:
+    """examples/demo-org.yaml documents the demo's offline section: the two must not drift."""
+    from engine.demo_device import OFFLINE as DEMO_OFFLINE
+    from engine.orgfile import load_capture_spec, load_offline_section
+    from gateway.access import parse_config
+
+    path = Path(__file__).parents[1] / "examples" / "demo-org.yaml"
+    section = load_offline_section(path)
+    assert section is not None
+    assert parse_config(section) == parse_config(DEMO_OFFLINE)
+    assert load_capture_spec(path).org == "demo"  # capture ignores the other sections
