@@ -31,8 +31,8 @@ bench: $(STAMP)
 	$(BIN)/python -m bench all
 
 lint: $(STAMP)
-	$(BIN)/ruff check engine gateway bench tests
-	$(BIN)/ruff format --check engine gateway bench tests
+	$(BIN)/ruff check engine gateway device bench tests
+	$(BIN)/ruff format --check engine gateway device bench tests
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
