@@ -332,9 +332,11 @@ _mount_sample()
 
 
 def _mount_gateway() -> None:
+    from engine.provisioning.cli import mount as mount_provisioning
     from gateway.cli import mount
 
     mount(app)
+    mount_provisioning(app)
 
 
 _mount_gateway()

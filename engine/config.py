@@ -87,6 +87,18 @@ class Settings(BaseSettings):
     broker_session_timeout_s: float = Field(default=30.0, gt=0)
     broker_heartbeat_interval_s: float = Field(default=3.0, gt=0)
 
+    provisioning_partitions: int = Field(
+        default=6,
+        ge=1,
+        le=1024,
+        description="Partitions of fieldsync.provisioning (orgs are keys).",
+    )
+    provisioner_group: str = Field(
+        default="fieldsync-provisioner", min_length=1, description="Provisioner consumer group."
+    )
+    provisioner_reconcile_s: float = Field(
+        default=2.0, gt=0, le=600, description="How often a provisioner reconciles its captures."
+    )
     gateway_host: str = Field(default="127.0.0.1", description="Address the gateway binds.")
     gateway_port: int = Field(default=8765, ge=1, le=65535)
     gateway_domain: str | None = Field(

@@ -33,6 +33,10 @@ class AccessError(ValueError):
     """An offline configuration that cannot be served; the message names path and problem."""
 
 
+class StagingMismatch(Exception):
+    """A stored configuration that no longer fits staging (e.g. a filter's column is gone)."""
+
+
 class EntityAccess(BaseModel):
     """An entity enabled for offline use; ``owner_column`` holds the owning user or team id."""
 
@@ -97,10 +101,15 @@ def parse_config(data: Any) -> OfflineConfig:
         raise AccessError(problems) from None
 
 
-def validate_config(config: OfflineConfig, catalog: Catalog) -> None:
-    """Check references and filters against the staging catalog; raise :class:`AccessError`."""
+def validate_config(config: OfflineConfig, catalog: Catalog, *, pending: bool = False) -> None:
+    """Check references and filters against the staging catalog; raise :class:`AccessError`.
+
+    ``pending``: entities staging does not have yet (an org being provisioned) are accepted and
+    their columns checked once they exist (the gateway validates on every request)."""
     for entity, access in config.entities.items():
         if entity not in catalog:
+            if pending:
+                continue
             raise AccessError(f"entities.{entity}: no such entity in staging")
         if access.owner_column and access.owner_column not in catalog[entity]:
             raise AccessError(
@@ -111,7 +120,9 @@ def validate_config(config: OfflineConfig, catalog: Catalog) -> None:
             raise AccessError(f"roles.{name}.profile: no profile {role.profile!r}")
     for name, profile in config.profiles.items():
         for index, item in enumerate(profile.items):
-            _validate_item(config, catalog, f"profiles.{name}.items[{index}]", item, profile)
+            _validate_item(
+                config, catalog, f"profiles.{name}.items[{index}]", item, profile, pending
+            )
     for user, assigned in config.users.items():
         for role_name in assigned.roles:
             if role_name not in config.roles:
@@ -119,10 +130,19 @@ def validate_config(config: OfflineConfig, catalog: Catalog) -> None:
 
 
 def _validate_item(
-    config: OfflineConfig, catalog: Catalog, path: str, item: ProfileItem, profile: Profile
+    config: OfflineConfig,
+    catalog: Catalog,
+    path: str,
+    item: ProfileItem,
+    profile: Profile,
+    pending: bool,
 ) -> None:
     if item.entity not in config.entities:
         raise AccessError(f"{path}.entity: {item.entity!r} is not enabled for offline")
+    if pending and (
+        item.entity not in catalog or (item.related and item.related.entity not in catalog)
+    ):
+        return
     columns = catalog[item.entity]
     if item.distribution in ("owner", "team") and not config.entities[item.entity].owner_column:
         raise AccessError(
@@ -223,6 +243,7 @@ __all__ = [
     "ProfileItem",
     "RelatedVia",
     "Role",
+    "StagingMismatch",
     "UserAccess",
     "UserView",
     "parse_config",

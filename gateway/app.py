@@ -28,7 +28,7 @@ from starlette.middleware.gzip import GZipMiddleware
 
 from engine.config import Settings
 from engine.projections.staging import org_schema
-from gateway.access import AccessError
+from gateway.access import AccessError, StagingMismatch
 from gateway.auth import Authenticator, Forbidden, Principal, Unauthorized
 from gateway.live import LiveHub, wait_any
 from gateway.metrics import METRICS
@@ -157,6 +157,10 @@ def create_app(
     @app.exception_handler(AccessError)
     async def _bad_config(_: Request, exc: AccessError) -> JSONResponse:
         return error(422, "invalid_offline_config", str(exc))
+
+    @app.exception_handler(StagingMismatch)
+    async def _mismatch(_: Request, exc: StagingMismatch) -> JSONResponse:
+        return error(503, "offline_config_mismatch", str(exc))
 
     @app.exception_handler(UnknownOrg)
     async def _unknown_org(_: Request, exc: UnknownOrg) -> JSONResponse:

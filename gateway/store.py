@@ -58,8 +58,11 @@ def org_state(conn: psycopg.Connection[Any], org: str) -> tuple[str, OfflineConf
     return epoch, parse_config(config or {}), revision
 
 
-def put_config(conn: psycopg.Connection[Any], org: str, data: Any) -> tuple[OfflineConfig, int]:
-    """Validate ``data`` against the org's staging and store it; raises AccessError/UnknownOrg."""
+def put_config(
+    conn: psycopg.Connection[Any], org: str, data: Any, *, pending: bool = False
+) -> tuple[OfflineConfig, int]:
+    """Validate ``data`` against the org's staging and store it; raises AccessError/UnknownOrg.
+    ``pending`` (provisioning): entities not in staging yet are checked when they arrive."""
     config = parse_config(data)
     with conn.transaction():
         if (
@@ -68,7 +71,7 @@ def put_config(conn: psycopg.Connection[Any], org: str, data: Any) -> tuple[Offl
         ):
             raise UnknownOrg(org)
         catalog = {e: m.columns for e, m in load_catalog(conn, org).items()}
-        validate_config(config, catalog)
+        validate_config(config, catalog, pending=pending)
         row = conn.execute(
             """
             INSERT INTO fieldsync_control.offline_config (org, config) VALUES (%s, %s)

@@ -16,7 +16,15 @@ import orjson
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from gateway.access import NotOffline, OfflineConfig, UserView, user_view
+from gateway.access import (
+    AccessError,
+    NotOffline,
+    OfflineConfig,
+    StagingMismatch,
+    UserView,
+    user_view,
+    validate_config,
+)
 from gateway.auth import Forbidden, Principal
 from gateway.metrics import METRICS
 from gateway.store import org_state
@@ -113,6 +121,10 @@ class SyncService:
         except NotOffline as error:
             raise Forbidden(str(error)) from None
         catalog = load_catalog(conn, org)
+        try:  # stored while entities were pending: their columns are checked now
+            validate_config(config, {e: m.columns for e, m in catalog.items()}, pending=True)
+        except AccessError as error:
+            raise StagingMismatch(f"offline configuration does not fit staging: {error}") from None
         marks = read_marks(conn, org) if catalog else {}
         # an entity of the profile that staging does not have yet is simply not served yet
         items = {e: i for e, i in view.items.items() if e in catalog}

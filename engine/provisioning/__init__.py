@@ -1,0 +1,1 @@
+"""Provisioning: org lifecycle as commands on fieldsync.provisioning, applied by workers."""
