@@ -124,6 +124,14 @@ class Settings(BaseSettings):
     gateway_tls_cert: Path | None = Field(default=None)
     gateway_tls_key: Path | None = Field(default=None)
 
+    snapshot_dir: Path | None = Field(
+        default=None, description="Staging snapshot files; unset = <data_dir>/snapshots."
+    )
+    snapshot_interval_s: float | None = Field(
+        default=None, gt=0, description="`fieldsync snapshot schedule` period; unset = none."
+    )
+    snapshot_keep: int = Field(default=3, ge=1, description="Snapshots kept per entity.")
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("bootstrap_servers", "schema_registry_url")
