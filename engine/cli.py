@@ -340,3 +340,12 @@ def _mount_gateway() -> None:
 
 
 _mount_gateway()
+
+
+def _mount_snapshots() -> None:
+    from engine.snapshots.cli import app as snapshot_app
+
+    app.add_typer(snapshot_app, name="snapshot", help="Compacted snapshots of staging entities.")
+
+
+_mount_snapshots()
