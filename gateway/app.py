@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, Field
-from starlette.middleware.gzip import GZipMiddleware
+from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES, GZipMiddleware
 
 from engine.config import Settings
 from engine.projections.staging import org_schema
@@ -32,6 +32,7 @@ from gateway.access import AccessError, StagingMismatch
 from gateway.auth import Authenticator, Forbidden, Principal, Unauthorized
 from gateway.live import LiveHub, wait_any
 from gateway.metrics import METRICS
+from gateway.snapshots import AVRO_MEDIA_TYPE, snapshot_router
 from gateway.store import UnknownOrg, ensure_schema, org_state, put_config
 from gateway.sync import SyncService
 from gateway.tokens import BadToken
@@ -108,7 +109,9 @@ def create_app(
         summary="Sync endpoint for offline devices and admin endpoint (see docs/protocol.md).",
         lifespan=lifespan,
     )
-    app.add_middleware(GZipMiddleware, minimum_size=2048)
+    # snapshot files are deflate-compressed already, and served with byte ranges
+    gzip_skips = (*DEFAULT_EXCLUDED_CONTENT_TYPES, AVRO_MEDIA_TYPE)
+    app.add_middleware(GZipMiddleware, minimum_size=2048, exclude_content_types=gzip_skips)
 
     # -- cross-cutting: org from host, errors, metrics --------------------------------------
     domain = settings.gateway_domain
@@ -188,6 +191,7 @@ def create_app(
 
     Who = Annotated[Principal, Depends(principal)]
     OrgPath = Annotated[str, PathParam(pattern=ORG)]
+    app.include_router(snapshot_router(service, settings, principal))
 
     # -- health and metrics -----------------------------------------------------------------
     @app.get("/healthz", tags=["operations"])
