@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES, GZipMiddleware
 
 from engine.config import Settings
+from engine.exceptions import FieldSyncError
 from engine.projections.staging import org_schema
 from gateway.access import AccessError, StagingMismatch
 from gateway.auth import Authenticator, Forbidden, Principal, Unauthorized
@@ -82,6 +83,7 @@ def create_app(
     *,
     clock: Callable[[], float] = time.time,
     embedded: bool = False,
+    bootstrap_servers: str | None = None,
 ) -> FastAPI:
     """The app; ``embedded`` (the ``fieldsync up`` runtime) allows the data-dir JWT secret."""
     authenticator = Authenticator(
@@ -164,6 +166,10 @@ def create_app(
     @app.exception_handler(StagingMismatch)
     async def _mismatch(_: Request, exc: StagingMismatch) -> JSONResponse:
         return error(503, "offline_config_mismatch", str(exc))
+
+    @app.exception_handler(FieldSyncError)
+    async def _bad_request(_: Request, exc: FieldSyncError) -> JSONResponse:
+        return error(422, exc.code, str(exc.args[0]))
 
     @app.exception_handler(UnknownOrg)
     async def _unknown_org(_: Request, exc: UnknownOrg) -> JSONResponse:
@@ -322,6 +328,50 @@ def create_app(
 
         return await _db(read)  # type: ignore[no-any-return]
 
+    @app.post("/orgs/{org}/admin/lifecycle/{kind}", tags=["admin"], status_code=202)
+    async def lifecycle_command(
+        org: OrgPath,
+        kind: Literal["provision", "update", "decommission"],
+        who: Who,
+        document: Annotated[dict[str, Any] | None, Body()] = None,
+    ) -> dict[str, Any]:
+        """Publish a provisioning command (the org file as JSON for provision/update); a
+        provisioner applies it — follow it with ``GET …/admin/lifecycle``."""
+        admin(org, who)
+        from engine.provisioning.commands import command_from_document
+        from engine.provisioning.worker import publish
+
+        command = command_from_document(kind, document or {}, org)
+        if bootstrap_servers is None:
+            return JSONResponse(  # type: ignore[return-value]
+                {"error": "not_configured", "detail": "this gateway has no broker to publish to"},
+                status_code=503,
+            )
+        await to_thread.run_sync(publish, settings, bootstrap_servers, [command])
+        return {"org": org, "kind": kind, "command": command.id}
+
+    @app.get("/orgs/{org}/admin/lifecycle", tags=["admin"])
+    async def lifecycle_state(org: OrgPath, who: Who) -> dict[str, Any]:
+        """The org's lifecycle: state, reason, entities, last command applied."""
+        admin(org, who)
+        from engine.provisioning.lifecycle import ensure_lifecycle_schema, read_lifecycle
+
+        def read(conn: psycopg.Connection[Any]) -> Any:
+            ensure_lifecycle_schema(conn)
+            return next(iter(read_lifecycle(conn, org)), None)
+
+        state = await _db(read)
+        if state is None:
+            raise UnknownOrg(org)
+        return {
+            "org": org,
+            "state": state.state,
+            "reason": state.reason,
+            "entities": sorted(state.spec.entities) if state.spec else [],
+            "partition": state.partition,
+            "command": state.command_id,
+        }
+
     @app.get("/orgs/{org}/admin/offline", tags=["admin"])
     async def get_offline(org: OrgPath, who: Who) -> dict[str, Any]:
         admin(org, who)
@@ -379,11 +429,17 @@ def create_app(
     return app
 
 
-def run_gateway(settings: Settings, staging_dsn: str, *, embedded: bool = False) -> None:
+def run_gateway(
+    settings: Settings,
+    staging_dsn: str,
+    *,
+    embedded: bool = False,
+    bootstrap_servers: str | None = None,
+) -> None:
     """Serve until SIGTERM/SIGINT (TLS when a certificate and key are configured)."""
     import uvicorn
 
-    app = create_app(settings, staging_dsn, embedded=embedded)
+    app = create_app(settings, staging_dsn, embedded=embedded, bootstrap_servers=bootstrap_servers)
     uvicorn.run(
         app,
         host=settings.gateway_host,

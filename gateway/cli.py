@@ -70,7 +70,12 @@ def gateway(
         f"gateway on {'https' if settings.gateway_tls_cert else 'http'}://"
         f"{settings.gateway_host}:{settings.gateway_port}"
     )
-    run_gateway(settings, endpoints.staging_dsn, embedded=endpoints.embedded)
+    run_gateway(
+        settings,
+        endpoints.staging_dsn,
+        embedded=endpoints.embedded,
+        bootstrap_servers=endpoints.bootstrap_servers,
+    )
 
 
 @offline_app.command("set")

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -110,10 +111,11 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
     registry = OrgRegistry(staging_dsn)
     registry.refresh()
     subscribed = change_topics(bootstrap_servers, list(registry.debezium_topics))
-    if not subscribed:
-        raise SystemExit(
-            "no change topics on the broker yet: start capture (or provision an org) first"
-        )
+    while not subscribed:  # a worker may start before the first org is provisioned
+        log.info("no change topics on the broker yet; waiting for an org to be provisioned")
+        time.sleep(settings.projector_topic_refresh_s)
+        registry.refresh()
+        subscribed = change_topics(bootstrap_servers, list(registry.debezium_topics))
     app = faust.App(
         settings.projector_group,
         broker=";".join(f"kafka://{server}" for server in bootstrap_servers.split(",")),
@@ -204,8 +206,9 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
             change_topics, bootstrap_servers, list(registry.debezium_topics)
         )
         new = sorted(set(current) - set(subscribed))
-        if new:
-            log.info("new change topics %s: restarting the worker to subscribe", new)
+        gone = sorted(set(subscribed) - set(current))  # an entity or org was removed
+        if new or gone:
+            log.info("change topics added %s, removed %s: restarting the worker", new, gone)
             _reexec()
         _update_lag(app)
 

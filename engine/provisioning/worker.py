@@ -104,7 +104,7 @@ class CaptureFleet:
                 or target.spec is None
                 or target.spec.model_dump_json() != running.spec
             ):
-                await self._stop(org)
+                await self.stop(org)
         for org, target in desired.items():
             if org not in self.running and target.spec is not None:
                 try:
@@ -121,7 +121,7 @@ class CaptureFleet:
                 self.running[org] = _Running(target.spec.model_dump_json(), stop, task, status)
                 log.info("org %s: capture started on this worker", org)
 
-    async def _stop(self, org: str) -> None:
+    async def stop(self, org: str) -> None:
         running = self.running.pop(org)
         running.stop.set()
         try:
@@ -134,7 +134,7 @@ class CaptureFleet:
 
     async def stop_all(self) -> None:
         for org in list(self.running):
-            await self._stop(org)
+            await self.stop(org)
 
 
 def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> faust.App:
@@ -182,6 +182,8 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
                     ],
                 )
                 continue
+            if command.kind == "decommission" and command.org in fleet.running:
+                await fleet.stop(command.org)  # before its slot is dropped
             await _apply_until_done(provisioner, command, message.partition)
             await fleet.reconcile(owned())
 

@@ -248,7 +248,11 @@ class CaptureTask:
         check fetches it rather than trusting ListOffsets (the embedded broker reports the
         last batch's base offset + 1 as the end).
         """
-        marks = {tp: offset for tp, offset in marks.items() if tp[0] != SCHEMA_TOPIC}
+        # only topics of the entities captured now: an entity removed from the org had its
+        # topic deleted on purpose, which is no loss
+        ours = {change_topic(self.spec.org, e) for e in self.spec.entities}
+        ours.add(transaction_topic(self.spec.org))
+        marks = {tp: offset for tp, offset in marks.items() if tp[0] in ours}
         if not marks:
             return None
         consumer = KafkaConsumer(
