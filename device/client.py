@@ -88,9 +88,24 @@ class DeviceClient:
                 detail = response.text
             raise SyncFailed(response.status_code, str(detail))
 
+    def _retrying(self, send: Callable[[], httpx.Response], attempts: int = 5) -> httpx.Response:
+        """Resend after a dropped connection: a sync page is a pure function of its tokens,
+        so asking again with the same tokens is safe and returns the same page."""
+        for attempt in range(attempts):
+            try:
+                return send()
+            except httpx.TransportError as error:
+                if attempt == attempts - 1:
+                    raise
+                log.info("request failed (%s); retrying", error)
+                time.sleep(min(0.1 * 2**attempt, 2.0))
+        raise AssertionError("unreachable")
+
     # -- the protocol -------------------------------------------------------------------------
     def refresh_metadata(self) -> dict[str, Any]:
-        response = self.http.get(f"{self.base}/metadata", headers=self._headers())
+        response = self._retrying(
+            lambda: self.http.get(f"{self.base}/metadata", headers=self._headers())
+        )
         self._check(response)
         metadata: dict[str, Any] = response.json()
         self.store.apply_metadata(metadata)
@@ -104,7 +119,11 @@ class DeviceClient:
             body: dict[str, Any] = {"tokens": self.store.tokens(), "wait": wait}
             if self.page_rows:
                 body["limit"] = self.page_rows
-            response = self.http.post(f"{self.base}/sync", json=body, headers=self._headers())
+            response = self._retrying(
+                lambda body=body: self.http.post(  # type: ignore[misc]
+                    f"{self.base}/sync", json=body, headers=self._headers()
+                )
+            )
             report.requests += 1
             self._check(response)
             again = False

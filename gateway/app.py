@@ -5,6 +5,7 @@ set, from the host name ``<org>.<domain>`` (DNS routing by org), which is rewrit
 form. Gateways keep no state of their own: run as many as needed behind an L4 balancer.
 """
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -31,7 +32,7 @@ from engine.exceptions import FieldSyncError
 from engine.projections.staging import org_schema
 from gateway.access import AccessError, StagingMismatch
 from gateway.auth import Authenticator, Forbidden, Principal, Unauthorized
-from gateway.live import LiveHub, wait_any
+from gateway.live import LiveHub, wait_for
 from gateway.metrics import METRICS
 from gateway.snapshots import AVRO_MEDIA_TYPE, snapshot_router
 from gateway.store import UnknownOrg, ensure_schema, org_state, put_config
@@ -235,23 +236,46 @@ def create_app(
     async def sync(org: OrgPath, who: Who, body: SyncRequest) -> Response:
         """Deltas for every entity of the profile, in priority order; ``wait`` long-polls."""
         wait = min(body.wait, settings.gateway_max_wait_s)
-        results, watched = await to_thread.run_sync(service.sync, org, who, body.tokens, body.limit)
-        if wait > 0 and all(r.empty for r in results):
-            events = live.events(org, watched)
-            # a change between the first read and taking the events: read once more
-            results, _ = await to_thread.run_sync(service.sync, org, who, body.tokens, body.limit)
-            if all(r.empty for r in results):
-                METRICS.long_polls.inc()
-                try:
-                    woken = await wait_any(events, wait)
-                finally:
-                    METRICS.long_polls.dec()
-                if woken:
-                    results, _ = await to_thread.run_sync(
-                        service.sync, org, who, body.tokens, body.limit
-                    )
+        deadline = time.monotonic() + wait
+        key = (org, who, tuple(sorted(body.tokens.items())), body.limit)
+        while True:
+            # taken before reading: a change committed while we read still wakes us
+            changed = live.event(org)
+            results = await shared(key, org, who, body.tokens, body.limit)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not all(r.empty for r in results):
+                break
+            METRICS.long_polls.inc()
+            try:
+                if not await wait_for(changed, remaining):
+                    break
+            finally:
+                METRICS.long_polls.dec()
         content = orjson.dumps({"org": org, "entities": [r.to_json() for r in results]})
         return Response(content, media_type="application/json")
+
+    in_flight: dict[Any, asyncio.Future[Any]] = {}
+
+    async def shared(
+        key: Any, org: str, who: Principal, tokens: dict[str, str | None], limit: int | None
+    ) -> Any:
+        """One computation for identical concurrent requests (devices woken by the same
+        change with the same tokens): a page is a pure function of its tokens."""
+        running = in_flight.get(key)
+        if running is not None:
+            return await asyncio.shield(running)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        in_flight[key] = future
+        try:
+            results, _ = await to_thread.run_sync(service.sync, org, who, tokens, limit)
+            future.set_result(results)
+            return results
+        except BaseException as error:
+            future.set_exception(error)
+            future.exception()  # retrieved here; the waiters re-raise it
+            raise
+        finally:
+            del in_flight[key]
 
     @app.get("/orgs/{org}/bootstrap/{entity}", tags=["sync"])
     async def bootstrap(
@@ -450,6 +474,8 @@ def run_gateway(
         loop="uvloop",
         access_log=False,
         timeout_graceful_shutdown=5,
+        # a long page may reach a slow client after uvicorn's 5 s default started counting
+        timeout_keep_alive=75,
     )
 
 

@@ -2,9 +2,10 @@
 
 The projector sends ``NOTIFY fieldsync_changes, '<org>.<entity>:<watermark>'`` in the transaction
 that raises a watermark, so the notification arrives exactly when the change is readable. A
-waiter takes the entity's current :class:`asyncio.Event` *before* it computes its (empty) delta,
-so a change committed in between wakes it at once instead of being missed; a thousand idle
-devices cost a thousand parked coroutines and nothing on the database.
+waiter takes its org's :class:`asyncio.Event` *before* it reads its (empty) delta, so a change
+committed in between wakes it at once instead of being missed. A thousand idle devices cost a
+thousand parked coroutines and nothing on the database; after a lost connection every waiter is
+woken (notifications may have been missed) and simply reads again.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
 
 import psycopg
 
@@ -37,12 +37,13 @@ class LiveHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def events(self, org: str, entities: Iterable[str]) -> list[asyncio.Event]:
-        """The events the next change of any of ``entities`` will set."""
-        return [self._events.setdefault(f"{org}.{e}", asyncio.Event()) for e in entities]
+    def event(self, org: str) -> asyncio.Event:
+        """The event the next change of any entity of ``org`` sets (waiters whose entities
+        did not change read an empty delta and wait again: cheap, and never a missed wake)."""
+        return self._events.setdefault(org, asyncio.Event())
 
-    def _fire(self, name: str) -> None:
-        event = self._events.pop(name, None)
+    def _fire(self, org: str) -> None:
+        event = self._events.pop(org, None)
         if event is not None:
             event.set()
 
@@ -62,7 +63,7 @@ class LiveHub:
                     self._fire_all()
                     pause = 0.2
                     async for notify in conn.notifies():
-                        self._fire(notify.payload.rpartition(":")[0])
+                        self._fire(notify.payload.partition(".")[0])
             except asyncio.CancelledError:
                 raise
             except psycopg.Error as error:
@@ -73,17 +74,13 @@ class LiveHub:
             pause = min(pause * 2, 5.0)
 
 
-async def wait_any(events: list[asyncio.Event], timeout: float) -> bool:
-    """True when one of ``events`` was set within ``timeout`` seconds."""
-    if any(e.is_set() for e in events):
-        return True
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+async def wait_for(event: asyncio.Event, timeout: float) -> bool:
+    """True when ``event`` was set within ``timeout`` seconds."""
     try:
-        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        return bool(done)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
+        await asyncio.wait_for(event.wait(), timeout)
+        return True
+    except TimeoutError:
+        return False
 
 
-__all__ = ["LiveHub", "wait_any"]
+__all__ = ["LiveHub", "wait_for"]

@@ -217,6 +217,15 @@ class Page:
     last_key: str | None  # JSON of the page's last key; None = nothing after this page
 
 
+def _key_of(row: bytes, keys: Sequence[str]) -> str:
+    """The key object of a row as JSON (exact: numbers keep their digits)."""
+    import json
+    from decimal import Decimal
+
+    values = json.loads(row, parse_float=Decimal)
+    return json.dumps({k: values[k] for k in keys}, default=str)
+
+
 def bootstrap_page(
     conn: psycopg.Connection[Any],
     rule: RuleSQL,
@@ -247,12 +256,11 @@ def bootstrap_page(
         sql.SQL("AND ({}) > ({})").format(keys, after_values) if after is not None else sql.SQL("")
     )
     main = sql.SQL(
-        """SELECT {key_json}::text, row_to_json(r)::text FROM (
+        """SELECT row_to_json(r)::text FROM (
              SELECT {cols} FROM {schema}.{table} t
              WHERE NOT t._fs_deleted AND t._fs_version <= %(w)s AND {predicate} {after}
              ORDER BY {keys} LIMIT %(lim)s) r"""
     ).format(
-        key_json=_key_object("r", meta.keys),
         cols=_columns("t", meta),
         schema=schema,
         table=table,
@@ -260,9 +268,8 @@ def bootstrap_page(
         after=after_clause,
         keys=keys,
     )
-    found = conn.execute(main, bound).fetchall()
-    rows = [row.encode() for _, row in found]
-    last = found[-1][0] if len(found) == limit else None
+    rows = [row.encode() for (row,) in conn.execute(main, bound)]
+    last = _key_of(rows[-1], meta.keys) if len(rows) == limit else None
     # keys changed above the watermark: their state at it, in this page's key range
     upto_clause: sql.Composable = sql.SQL("")
     if last is not None:
@@ -374,7 +381,7 @@ def delta_page(
         """
         WITH cand AS (
             SELECT u.key FROM ({union}) u {after} GROUP BY u.key ORDER BY u.key LIMIT %(lim)s
-        ), img AS (
+        ), img AS MATERIALIZED (
             SELECT c.key,
                    CASE WHEN so.found THEN so.before WHEN t._fs_deleted IS NOT false THEN NULL
                         ELSE to_jsonb(t) - {system} END AS old_img,
