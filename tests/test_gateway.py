@@ -92,12 +92,14 @@ def _json_value(value: Any) -> Any:
     return value
 
 
-def view(world: World, user: str, now: float) -> dict[str, dict[int, dict[str, Any]]]:
+def view(
+    world: World, user: str, now: float, window_days: int = 7
+) -> dict[str, dict[int, dict[str, Any]]]:
     """What ``user`` may see, computed from the source rows in Python (independent of SQL)."""
     roles, teams = USERS[user]
     jobs, accounts = world.rows["job"], world.rows["account"]
     if "technician" in roles:
-        since = datetime.fromtimestamp(now, UTC) - timedelta(days=7)
+        since = datetime.fromtimestamp(now, UTC) - timedelta(days=window_days)
         seen_jobs = {
             k: r
             for k, r in jobs.items()
@@ -168,7 +170,19 @@ operation = st.one_of(
     st.tuples(st.just("delete_account"), st.integers(1, 3)),
     st.tuples(st.just("clock"), st.integers(1, 4)),
     st.tuples(st.just("sync"), st.sampled_from(sorted(USERS))),
+    st.tuples(st.just("window"), st.sampled_from([3, 7])),  # the technicians' profile changes
 )
+
+
+def with_window(days: int) -> dict[str, Any]:
+    """OFFLINE with the technicians' job window set to ``days``."""
+    import copy
+
+    document = copy.deepcopy(dict(OFFLINE))
+    for condition in document["profiles"]["field"]["items"][0]["filter"]["and"]:
+        if condition["op"] == "last_days":
+            condition["value"] = days
+    return document
 
 
 @settings(
@@ -189,13 +203,14 @@ def test_devices_converge_to_their_view_and_never_see_more(
     folder.mkdir()
     clients = {u: device(gateway, world, u, folder, page_rows=3) for u in USERS}
     recorders = {u: Recorder(c) for u, c in clients.items()}
-    last_view = {u: {"job": {}, "account": {}} for u in USERS}
+    last_view: dict[str, Any] = {u: {"job": {}, "account": {}} for u in USERS}
+    window = [7]
 
     def sync(user: str) -> None:
         recorder = recorders[user]
         recorder.reset()
         clients[user].sync()
-        now_view = view(world, user, clock.now)
+        now_view = view(world, user, clock.now, window[0])
         for entity, row in recorder.sent:  # nothing outside the view at the new watermark
             stored = {c: to_sqlite(v) for c, v in row.items()}
             assert stored == now_view[entity].get(row["id"]), (user, entity, row)
@@ -216,6 +231,9 @@ def test_devices_converge_to_their_view_and_never_see_more(
                 world.upsert("account", op[1], owner_id=op[2], name=f"name {op[1]}")
             elif kind == "delete_account" and op[1] in world.rows["account"]:
                 world.delete("account", op[1])
+            elif kind == "window" and op[1] != window[0]:
+                window[0] = op[1]
+                configure(fresh_database, world.org, with_window(op[1]))
             elif kind == "clock":
                 clock.now += op[1] * 86400
                 world.now = clock.now
