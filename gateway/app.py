@@ -11,7 +11,6 @@ import logging
 import re
 import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -34,6 +33,7 @@ from gateway.access import AccessError, StagingMismatch
 from gateway.auth import Authenticator, Forbidden, Principal, Unauthorized
 from gateway.live import LiveHub, wait_for
 from gateway.metrics import METRICS
+from gateway.middleware import RequestContext
 from gateway.snapshots import AVRO_MEDIA_TYPE, snapshot_router
 from gateway.store import UnknownOrg, ensure_schema, org_state, put_config
 from gateway.sync import SyncService
@@ -122,26 +122,7 @@ def create_app(
         re.compile(rf"^([a-z][a-z0-9_]{{0,39}})\.{re.escape(domain)}(:\d+)?$") if domain else None
     )
 
-    @app.middleware("http")
-    async def route_and_measure(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        path = request.url.path
-        if host_org is not None and not path.startswith(
-            ("/orgs/", "/admin/", "/healthz", "/readyz", "/metrics", "/docs", "/openapi")
-        ):
-            match = host_org.match(request.headers.get("host", ""))
-            if match:
-                request.scope["path"] = f"/orgs/{match.group(1)}{path}"
-        request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "unmatched")
-        METRICS.requests.labels(endpoint, str(response.status_code)).inc()
-        METRICS.latency.labels(endpoint).observe(time.perf_counter() - started)
-        response.headers["x-request-id"] = request.state.request_id
-        return response
+    app.add_middleware(RequestContext, host_org=host_org)
 
     def error(status: int, code: str, message: str) -> JSONResponse:
         return JSONResponse({"error": code, "detail": message}, status_code=status)
