@@ -22,6 +22,8 @@ from engine.provisioning.commands import (
 )
 from engine.provisioning.lifecycle import Provisioner, ensure_lifecycle_schema, read_lifecycle
 from engine.provisioning.worker import publish
+from engine.snapshots.build import build_snapshot
+from engine.snapshots.store import default_store
 from engine.streams.reader import read_all
 from tests.projector_helpers import projector_env, start_projector, wait_until
 
@@ -193,6 +195,10 @@ def test_provision_update_decommission_and_nothing_left(
             ).fetchone()
         assert config is not None and "job" not in config[0]["entities"]  # devices drop it
         assert all(i["entity"] != "job" for p in config[0]["profiles"].values() for i in p["items"])
+        # a snapshot file, which decommission must remove as well
+        store = default_store(settings)
+        build_snapshot(fresh_database, org, "site", store, group="fieldsync-projector")
+        assert store.list(org, "site")
         # decommission: nothing left anywhere
         publish(settings, fresh_broker, [command_from_document("decommission", {}, org)])
         wait_until(lambda: state() == "decommissioned", 60, "decommissioned", log)
@@ -224,6 +230,7 @@ def test_provision_update_decommission_and_nothing_left(
         ).fetchone()
     assert slot is None and publication is None and registered is None
     assert capture_rows == (0,)
+    assert not [e for o, e in default_store(settings).entities() if o == org]
 
 
 def test_a_crash_between_steps_completes_when_the_command_is_applied_again(
@@ -261,7 +268,8 @@ def test_replaying_the_provisioning_topic_reproduces_the_control_state(
     fresh_database: str, fresh_broker: str, tmp_path: Path
 ) -> None:
     settings = load_settings(data_dir=tmp_path, producer_idempotence=False)
-    a, b, c = (f"r{uuid.uuid4().hex[:6]}{n}" for n in "abc")
+    prefix = f"r{uuid.uuid4().hex[:6]}"
+    a, b, c = (prefix + n for n in "abc")
     entities = {"job": "public.jobs", "site": "public.sites"}
     commands = [
         command_from_document("provision", document(fresh_database, a, entities)),

@@ -12,7 +12,6 @@ else. The state goes to ``active``/``decommissioned`` only after the last step.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -312,14 +311,14 @@ def _without_entities(document: dict[str, Any], entities: set[str]) -> dict[str,
 
 
 def _delete_snapshots(settings: Settings, org: str) -> None:
-    """Snapshot files of the org, when the snapshot store is available."""
-    with contextlib.suppress(ImportError):
-        from engine.snapshots import default_store  # type: ignore[attr-defined]
+    """Every snapshot file and manifest of the org in the snapshot store."""
+    from engine.snapshots.store import default_store
 
-        store = default_store(settings)
-        delete_org = getattr(store, "delete_org", None)
-        if delete_org is not None:
-            delete_org(org)
+    store = default_store(settings)
+    for owner, entity in store.entities():
+        if owner == org:
+            for manifest in store.list(org, entity):
+                store.delete(org, entity, manifest.id)
 
 
 __all__ = [

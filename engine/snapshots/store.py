@@ -214,6 +214,9 @@ class LocalDirectoryStore:
         _check_id(snapshot)
         (directory / (snapshot + MANIFEST_SUFFIX)).unlink(missing_ok=True)
         (directory / (snapshot + FILE_SUFFIX)).unlink(missing_ok=True)
+        for empty in (directory, directory.parent):  # the last snapshot leaves no directory
+            with contextlib.suppress(OSError):  # not empty (or gone): keep it
+                empty.rmdir()
 
     # -- reading ------------------------------------------------------------------------------
     def open(self, org: str, entity: str, snapshot: str) -> BinaryIO:
