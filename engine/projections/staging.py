@@ -24,12 +24,17 @@ Applying a batch of one entity, in one transaction:
      stored one), and write their change-log entries.
   6. Raise the watermark; commit.
 A batch replayed after a crash finds every position already stored and changes nothing.
+
+A replay (``engine/projections/replay.py``) rebuilds an org into another schema
+(``schema_for``) and swaps it in under ``org_<org>`` between two batches: a writer waiting at
+step 1 then works on the new schema only, and cached table state the new schema does not
+match is read again (:meth:`Staging.apply`).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,22 +122,48 @@ class _EntityState:
     keys: tuple[str, ...] = ()
 
 
-class Staging:
-    """Applies change batches to one staging database (see the module docstring)."""
+#: What may go wrong when the cached state of an org no longer describes its tables (a replay
+#: swapped another schema in under the same name, see ``engine/projections/replay.py``).
+_STALE_STATE = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn)
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+
+class Staging:
+    """Applies change batches to one staging database (see the module docstring).
+
+    ``schema_for`` names the schema an org's staging lives in (``org_<org>``; a replay builds a
+    shadow schema with another name). ``notify=False`` sends no change notifications (nobody
+    reads a shadow schema).
+    """
+
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any],
+        *,
+        schema_for: Callable[[str], str] = org_schema,
+        notify: bool = True,
+    ) -> None:
         self.conn = conn
+        self._schema = schema_for
+        self._notify = notify
         self._entities: dict[tuple[str, str], _EntityState] = {}
         self._temp_tables: set[str] = set()
         self._orgs: set[str] = set()
+
+    def forget(self, org: str) -> None:
+        """Drop what is cached about ``org``'s tables (and the temporary input tables, whose
+        creation may have been rolled back); the next apply reads the catalog again."""
+        self._orgs.discard(org)
+        for key in [k for k in self._entities if k[0] == org]:
+            del self._entities[key]
+        self._temp_tables.clear()
 
     # -- schema ------------------------------------------------------------------------
     def ensure_org(self, org: str) -> None:
         if org in self._orgs:
             return
-        schema = sql.Identifier(org_schema(org))
+        schema = sql.Identifier(self._schema(org))
         # workers meeting a new org at once would race on IF NOT EXISTS: serialise them
-        self._lock_ddl(org_schema(org))
+        self._lock_ddl(self._schema(org))
         self.conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
         self.conn.execute(
             sql.SQL(
@@ -172,11 +203,11 @@ class Staging:
                 WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
                 ORDER BY a.attnum
                 """,
-                (f'"{org_schema(org)}"."{entity}"',),
+                (f'"{self._schema(org)}"."{entity}"',),
             ).fetchall()
             keys = self.conn.execute(
                 sql.SQL("SELECT key_columns FROM {}._fs_entities WHERE entity = %s").format(
-                    sql.Identifier(org_schema(org))
+                    sql.Identifier(self._schema(org))
                 ),
                 (entity,),
             ).fetchone()
@@ -191,10 +222,10 @@ class Staging:
         """Create the table, log and watermark row, or add the shape's new columns."""
         self.ensure_org(org)
         state = self._state(org, entity)
-        schema = sql.Identifier(org_schema(org))
+        schema = sql.Identifier(self._schema(org))
         table = sql.Identifier(entity)
         if not state.columns:
-            self._lock_ddl(f"{org_schema(org)}.{entity}")
+            self._lock_ddl(f"{self._schema(org)}.{entity}")
             keys = shape.key_names
             columns = sql.SQL(", ").join(
                 sql.SQL("{} {}{}").format(
@@ -269,12 +300,23 @@ class Staging:
 
     # -- apply -------------------------------------------------------------------------
     def apply(self, org: str, entity: str, events: Sequence[ChangeEvent]) -> ApplyResult:
-        """Apply one entity's events (any order, duplicates welcome) in one transaction."""
+        """Apply one entity's events (any order, duplicates welcome) in one transaction.
+
+        A table or column the cached state names but the database no longer has means another
+        schema was swapped in under the org's name (a replay): forget the cache, apply again.
+        """
+        try:
+            return self._apply(org, entity, events)
+        except _STALE_STATE:
+            self.forget(org)
+            return self._apply(org, entity, events)
+
+    def _apply(self, org: str, entity: str, events: Sequence[ChangeEvent]) -> ApplyResult:
         result = ApplyResult()
         if not events:
             return result
         with self.conn.transaction():
-            schema = sql.Identifier(org_schema(org))
+            schema = sql.Identifier(self._schema(org))
             shape = _merge_shapes([e.shape for e in events if e.op != "t"]) or None
             if shape is not None:
                 state = self.ensure_entity(org, entity, shape)
@@ -321,10 +363,10 @@ class Staging:
                     ).format(schema),
                     (watermark, t_commit, t_lsn, entity),
                 )
-                # delivered at commit: wakes the gateway's long-polls for this entity
-                self.conn.execute(
-                    "SELECT pg_notify(%s, %s)", (CHANGES_CHANNEL, f"{org}.{entity}:{watermark}")
-                )
+                if self._notify:  # delivered at commit: wakes the gateway's long-polls
+                    self.conn.execute(
+                        "SELECT pg_notify(%s, %s)", (CHANGES_CHANNEL, f"{org}.{entity}:{watermark}")
+                    )
             result.watermark = watermark
         return result
 
@@ -333,7 +375,7 @@ class Staging:
     ) -> tuple[int, int]:
         """Step 3: rows older than the truncate become deleted, each with a version and a log
         entry."""
-        schema, table = sql.Identifier(org_schema(org)), sql.Identifier(entity)
+        schema, table = sql.Identifier(self._schema(org)), sql.Identifier(entity)
         log = sql.Identifier(f"{entity}__log")
         keys = [sql.Identifier(k) for k in state.keys]
         key_json = sql.SQL(", ").join(
@@ -494,7 +536,7 @@ class Staging:
         truncated: tuple[int, int],
         purged: tuple[int, int],
     ) -> tuple[int, int]:
-        schema, table = sql.Identifier(org_schema(org)), sql.Identifier(entity)
+        schema, table = sql.Identifier(self._schema(org)), sql.Identifier(entity)
         log = sql.Identifier(f"{entity}__log")
         keys = [sql.Identifier(k) for k in state.keys]
 
