@@ -349,3 +349,12 @@ def _mount_snapshots() -> None:
 
 
 _mount_snapshots()
+
+
+def _mount_replay() -> None:
+    from engine.projections.replay import replay_command
+
+    app.command("replay")(replay_command)
+
+
+_mount_replay()
