@@ -282,6 +282,10 @@ def test_replay_of_one_entity_through_the_cli(
     assert refused.exit_code == 2 and "no snapshot" in refused.output
     unknown = CliRunner().invoke(app, ["replay", "--org", "nosuchorg"])
     assert unknown.exit_code == 2 and "not registered" in unknown.output
+    with psycopg.connect(dsn, autocommit=True) as other:  # a replay of the org is running
+        other.execute("SELECT pg_advisory_lock(hashtext(%s))", (f"fieldsync.replay.{org}",))
+        busy = CliRunner().invoke(app, ["replay", "--org", org])
+    assert busy.exit_code == 2 and "another replay" in busy.output
 
 
 # -- the swap's steps and the projector's cache, deterministically --------------------------------

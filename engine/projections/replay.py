@@ -9,6 +9,15 @@
    batches of ``batch_events`` (one batch is written while the next is decoded). A message the
    projector would dead-letter (undecodable, a refused schema change) is counted and skipped,
    as the live projector skipped it: it is already on the dead-letter topic.
+   With ``--from-snapshot`` each entity starts from its latest snapshot (``engine/snapshots``,
+   through a :class:`SnapshotStore`, the local directory by default): the file's rows are
+   applied as ``r`` changes at :data:`SNAPSHOT_POSITION` — before every change on the topics —
+   and the entity's topics are read from the projector group's offsets recorded with it
+   (everything below them is in the snapshot). Snapshot files carry no source positions, so: a
+   truncate after those offsets stops the replay (it cannot tell which snapshot rows it
+   removes), and a *stale* change after them (older than the row's last change, which live
+   staging skipped: e.g. an incremental-snapshot read re-sent late) would override the row. An
+   entity without a snapshot with offsets is read from the beginning.
 2. **Catch up** with rounds of "read to the end" until a round brings little.
 3. **Swap**, in one transaction on a connection of its own:
 
@@ -50,8 +59,9 @@ Why no change is lost across the swap
   each projector transaction writes entirely to the old schema or entirely to the new one.
   (Locking the ``_fs_entities`` rows ``FOR UPDATE`` would block the writers too, but a writer
   that waited for a *row* lock has already resolved the old table: it would wake up holding the
-  old schema's watermark and write its rows, versions and watermark into the new tables — the
-  first test of this module's development caught exactly that.)
+  old schema's watermark and write its rows, versions and watermark into the new tables:
+  ``tests/test_replay.py::test_a_writer_held_by_the_swap_writes_only_the_new_schema`` fails
+  that way with row locks.)
 * A change in the old schema was applied by a batch committed before (a), so its message was
   on the broker before the swap's tail read began; (b) reads every partition at least to the
   end it had then: the shadow holds the change as well.
@@ -71,7 +81,12 @@ Why no change is lost across the swap
 What a replay gives, and what it does not
 -----------------------------------------
 The replayed staging holds the same rows, with the same values, deleted flags and source
-positions, as the live staging fed from the same messages (tested). Versions are assigned per
+positions, as the live staging fed from the same messages (tested). Two things depend on how
+changes were batched, in the projector as in a replay: a deleted row keeps the values staging
+held when the delete was applied (none when one batch held the key's insert and its delete),
+and an unchanged TOASTed value (``__debezium_unavailable_value``) keeps the value stored
+*before* the batch, so a batch holding a change of that column followed by a change without it
+keeps the older value — larger batches make that likelier. Versions are assigned per
 apply batch, in source-position order within the batch, and a replay's batches are much larger
 than the projector's: within one partition (all changes of a key are in one partition) rows
 keep the same relative order of versions, but the absolute versions differ, changes of
@@ -238,6 +253,19 @@ class TopicReader:
             if partitions:
                 added.append(topic)
         return added
+
+    async def deleted(self) -> list[str]:
+        """Partitions whose start lies before their first offset still held: changes the
+        broker deleted (time retention), which a replay from there would miss."""
+        parts = list(self.positions)
+        if not parts:
+            return []
+        beginnings = await self.consumer.beginning_offsets(parts)
+        return [
+            f"{tp.topic}[{tp.partition}] holds offsets from {beginnings[tp]}, not {pos or 0}"
+            for tp, pos in self.positions.items()
+            if beginnings[tp] > (pos or 0)
+        ]
 
     async def remaining(self) -> int:
         """About how many messages lie between the positions and the ends (a lower bound on the
@@ -465,6 +493,18 @@ class Replay:
         self._bar = _Bar(console)
 
     # -- set-up ---------------------------------------------------------------------------
+    def _exclusive(self) -> psycopg.Connection[Any]:
+        """A connection holding the org's replay lock: one replay of an org at a time (they
+        would drop each other's shadow schema)."""
+        guard = psycopg.connect(self.dsn, autocommit=True, application_name="fieldsync-replay")
+        row = guard.execute(
+            "SELECT pg_try_advisory_lock(hashtext(%s))", (f"fieldsync.replay.{self.org}",)
+        ).fetchone()
+        if not (row and row[0]):
+            guard.close()
+            raise ReplayError(f"another replay of org {self.org} is running")
+        return guard
+
     def _control(self) -> _Org:
         from engine.projections.app import OrgRegistry
         from gateway.store import ensure_schema  # the staging epoch lives with the gateway
@@ -552,6 +592,13 @@ class Replay:
 
     # -- run --------------------------------------------------------------------------------
     async def run(self) -> ReplayReport:
+        guard = await asyncio.to_thread(self._exclusive)
+        try:
+            return await self._run()
+        finally:
+            guard.close()
+
+    async def _run(self) -> ReplayReport:
         started = time.perf_counter()
         control = await asyncio.to_thread(self._control)
         decoder = self._decoder(control)
@@ -573,6 +620,13 @@ class Replay:
             if self.from_snapshot:  # 0. seed from snapshots; their offsets start the topics
                 start = await self._seed(control, topics, applier)
             self.report.topics = await reader.add_topics(topics, start)
+            deleted = await reader.deleted()
+            if deleted:
+                raise ReplayError(
+                    "the broker no longer holds every change to replay: "
+                    + "; ".join(deleted)
+                    + " (replay from a snapshot whose offsets are at or after them)"
+                )
 
             async def handle(records: Sequence[ConsumerRecord[Any, Any]]) -> None:
                 await self._handle(decoder, applier, records)
