@@ -140,6 +140,21 @@ def test_unavailable_toast_value_keeps_the_stored_one(staging: Staging) -> None:
     assert rows(staging)[1][:2] == ("long text", Decimal("2.00"))
 
 
+def test_unavailable_toast_value_takes_a_value_set_earlier_in_the_same_batch(
+    staging: Staging,
+) -> None:
+    staging.apply("acme", "thing", [event("c", 1, 1, name="old text", amount=Decimal(1))])
+    staging.apply(
+        "acme",
+        "thing",
+        [
+            event("u", 1, 2, name="new text", amount=Decimal(2)),
+            event("u", 1, 3, name=UNAVAILABLE, amount=Decimal(3)),  # TOAST unchanged since 2
+        ],
+    )
+    assert rows(staging)[1][:2] == ("new text", Decimal("3.00"))
+
+
 def test_new_column_is_added_and_a_type_change_stops_the_entity(staging: Staging) -> None:
     staging.apply("acme", "thing", [event("c", 1, 1, name="a")])
     wider = EntityShape((*SHAPE.columns, ColumnSpec("tags", "text[]", False)))

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psycopg
@@ -482,6 +482,7 @@ class Staging:
         ]
         from datetime import UTC, datetime
 
+        events = _carry_unavailable(events)
         with self.conn.cursor().copy(
             sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
                 sql.Identifier(temp), sql.SQL(", ").join(map(sql.Identifier, copy_columns))
@@ -673,6 +674,27 @@ def _same_type(existing: str, incoming: str) -> bool:
     return aliases.get(existing, existing) == aliases.get(incoming, incoming) or (
         existing.startswith("numeric") and incoming.startswith("numeric")
     )
+
+
+def _carry_unavailable(events: Sequence[ChangeEvent]) -> list[ChangeEvent]:
+    """Only a key's newest event of a batch is applied, and an unchanged-TOAST placeholder in
+    it keeps the *stored* value — which is older than a value an earlier event of the same
+    batch set. Fill such placeholders from the batch's earlier events of the key."""
+    known: dict[tuple[Any, ...], dict[str, Any]] = {}
+    result = []
+    for event in sorted(events, key=lambda e: e.position):
+        key = tuple(sorted((event.key or {}).items()))
+        if event.op == "d" or event.op == "t":
+            known.pop(key, None)
+        elif event.after is not None:
+            seen = known.setdefault(key, {})
+            after = event.after
+            if seen and any(v is UNAVAILABLE for v in after.values()):
+                after = {c: seen.get(c, v) if v is UNAVAILABLE else v for c, v in after.items()}
+                event = replace(event, after=after)
+            seen.update((c, v) for c, v in after.items() if v is not UNAVAILABLE)
+        result.append(event)
+    return result
 
 
 def _merge_shapes(shapes: Sequence[EntityShape]) -> EntityShape | None:
