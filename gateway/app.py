@@ -297,7 +297,8 @@ def create_app(
 
     @app.get("/orgs/{org}/admin/status", tags=["admin"])
     async def status(org: OrgPath, who: Who) -> dict[str, Any]:
-        """Per entity: watermark, retention horizon, counts (consumed, applied, dead letters)."""
+        """Per entity: watermark, retention horizon, counts (consumed, applied, dead letters)
+        and, when the gateway knows the broker, the projector group's lag."""
         admin(org, who)
 
         def read(conn: psycopg.Connection[Any]) -> dict[str, Any]:
@@ -331,7 +332,18 @@ def create_app(
             return {"org": org, "staging_epoch": epoch, "config_revision": revision,
                     "entities": entities}  # fmt: skip
 
-        return await _db(read)  # type: ignore[no-any-return]
+        result: dict[str, Any] = await _db(read)
+        if bootstrap_servers is not None and result["entities"]:
+            from engine.projections.lag import projector_lag
+            from engine.streams.topics import change_topic
+
+            topics = {change_topic(org, e): e for e in result["entities"]}
+            lag = await to_thread.run_sync(
+                projector_lag, bootstrap_servers, settings.projector_group, list(topics)
+            )
+            for topic, behind in lag.items():
+                result["entities"][topics[topic]]["lag"] = behind
+        return result
 
     @app.post("/orgs/{org}/admin/lifecycle/{kind}", tags=["admin"], status_code=202)
     async def lifecycle_command(

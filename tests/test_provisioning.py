@@ -14,6 +14,7 @@ import pytest
 from kafka.admin import KafkaAdminClient
 
 from engine.config import load_settings
+from engine.projections.lag import projector_lag
 from engine.provisioning.commands import (
     PROVISIONING_TOPIC,
     Command,
@@ -163,6 +164,16 @@ def test_provision_update_decommission_and_nothing_left(
     try:
         wait_until(lambda: state() == "active", 60, "org active", log)
         wait_until(lambda: count("job") == 50 and count("site") == 5, 90, "staging filled", log)
+        change_topics = [f"fieldsync.{org}.job", f"fieldsync.{org}.site"]
+        wait_until(  # the admin status reports this lag; the projector commits after applying
+            lambda: (
+                projector_lag(fresh_broker, "fieldsync-projector", change_topics)
+                == dict.fromkeys(change_topics, 0)
+            ),
+            30,
+            "projector lag 0",
+            log,
+        )
         with psycopg.connect(fresh_database) as conn:
             site_watermark = conn.execute(
                 f"SELECT version FROM \"{schema}\"._fs_entities WHERE entity = 'site'"

@@ -56,10 +56,20 @@ def change_topics(bootstrap_servers: str, extra: Sequence[str] = ()) -> list[str
     )
     try:
         existing = set(admin.list_topics())
+        ours = {
+            t for t in existing if (m := CHANGE_TOPIC.match(t)) and m.group(2) not in NOT_ENTITIES
+        }
+        wanted = sorted(ours | (set(extra) & existing))
+        # a topic created a moment ago may be listed before its partitions are: subscribing
+        # then yields an empty assignment, so such a topic waits for the next refresh
+        described = admin.describe_topics(wanted) if wanted else []
     finally:
         admin.close()
-    ours = {t for t in existing if (m := CHANGE_TOPIC.match(t)) and m.group(2) not in NOT_ENTITIES}
-    return sorted(ours | (set(extra) & existing))
+    return sorted(  # kafka-python 3 names the field "name", 2.x "topic"
+        d.get("name") or d["topic"]
+        for d in described
+        if not d.get("error_code") and d.get("partitions")
+    )
 
 
 class OrgRegistry:
