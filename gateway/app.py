@@ -248,7 +248,7 @@ def create_app(
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         in_flight[key] = future
         try:
-            results, _ = await to_thread.run_sync(service.sync, org, who, tokens, limit)
+            results = await to_thread.run_sync(service.sync, org, who, tokens, limit)
             future.set_result(results)
             return results
         except BaseException as error:

@@ -172,8 +172,8 @@ class SyncService:
     # -- delta ----------------------------------------------------------------------------
     def sync(
         self, org: str, who: Principal, tokens: dict[str, str | None], limit: int | None
-    ) -> tuple[list[EntityResult], list[str]]:
-        """Results per entity in priority order, and the entities they watch (for long-poll)."""
+    ) -> list[EntityResult]:
+        """Results per entity of the profile in priority order (then entities that left it)."""
         limit = min(limit or self.page_rows, self.page_rows)
         with self._snapshot() as conn:
             conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
@@ -185,11 +185,8 @@ class SyncService:
                     results.append(self._entity(conn, ctx, entity, tokens.get(entity), limit))
                 for entity in sorted(set(tokens) - set(wanted)):
                     results.append(EntityResult(entity, control="removed", reason="not_in_profile"))
-        watched = {e for e in wanted}
-        for entity in wanted:
-            watched.update(ctx.rule(entity).parents)
         METRICS.rows_served.labels("delta").inc(sum(len(r.upserts) for r in results))
-        return results, sorted(watched)
+        return results
 
     def _check(self, token: SyncToken, ctx: OrgContext, entity: str, kind: str) -> str | None:
         """Raise for a token that is not this user's; return a must_bootstrap reason or None."""

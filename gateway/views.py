@@ -226,6 +226,20 @@ def _key_of(row: bytes, keys: Sequence[str]) -> str:
     return json.dumps({k: values[k] for k in keys}, default=str)
 
 
+def _bind_key(meta: EntityMeta, prefix: str, key: str, bound: dict[str, Any]) -> sql.Composable:
+    """The JSON key object ``key`` as a row of typed placeholders; its values go to ``bound``."""
+    import orjson
+
+    values = orjson.loads(key)
+    for i, column in enumerate(meta.keys):
+        value = values[column]
+        bound[f"{prefix}_{i}"] = None if value is None else str(value)
+    return sql.SQL(", ").join(
+        sql.SQL("{}::{}").format(sql.Placeholder(f"{prefix}_{i}"), sql.SQL(meta.columns[k]))
+        for i, k in enumerate(meta.keys)
+    )
+
+
 def bootstrap_page(
     conn: psycopg.Connection[Any],
     rule: RuleSQL,
@@ -239,22 +253,11 @@ def bootstrap_page(
     schema, table = sql.Identifier(org_schema(rule.view.org)), sql.Identifier(meta.entity)
     log = sql.Identifier(f"{meta.entity}__log")
     keys = sql.SQL(", ").join(sql.Identifier("t", k) for k in meta.keys)
-    after_values = sql.SQL(", ").join(
-        sql.SQL("{}::{}").format(sql.Placeholder(f"a_{i}"), sql.SQL(meta.columns[k]))
-        for i, k in enumerate(meta.keys)
-    )
     predicate = rule.predicate("t", "new")  # before binding: compiling adds parameters
     bound: dict[str, Any] = {**rule.compiled.params, **params, "w": watermark, "lim": limit}
-    after_key = None
+    after_clause: sql.Composable = sql.SQL("")
     if after is not None:
-        import orjson
-
-        after_key = orjson.loads(after)
-        for i, k in enumerate(meta.keys):
-            bound[f"a_{i}"] = str(after_key[k]) if after_key[k] is not None else None
-    after_clause = (
-        sql.SQL("AND ({}) > ({})").format(keys, after_values) if after is not None else sql.SQL("")
-    )
+        after_clause = sql.SQL("AND ({}) > ({})").format(keys, _bind_key(meta, "a", after, bound))
     main = sql.SQL(
         """SELECT row_to_json(r)::text FROM (
              SELECT {cols} FROM {schema}.{table} t
@@ -273,18 +276,7 @@ def bootstrap_page(
     # keys changed above the watermark: their state at it, in this page's key range
     upto_clause: sql.Composable = sql.SQL("")
     if last is not None:
-        import orjson
-
-        last_key = orjson.loads(last)
-        for i, k in enumerate(meta.keys):
-            bound[f"u_{i}"] = str(last_key[k]) if last_key[k] is not None else None
-        upto_clause = sql.SQL("AND ({}) <= ({})").format(
-            keys,
-            sql.SQL(", ").join(
-                sql.SQL("{}::{}").format(sql.Placeholder(f"u_{i}"), sql.SQL(meta.columns[k]))
-                for i, k in enumerate(meta.keys)
-            ),
-        )
+        upto_clause = sql.SQL("AND ({}) <= ({})").format(keys, _bind_key(meta, "u", last, bound))
     extra = sql.SQL(
         """SELECT row_to_json(r)::text FROM (
              SELECT {cols}
