@@ -34,6 +34,7 @@ from engine.projections.exceptions import SchemaUnavailable
 from engine.projections.metrics import METRICS
 from engine.projections.projector import COUNTS_DDL, DeadLetter, Projector, RawMessage
 from engine.projections.retention import purge_all
+from engine.runtime.faust_app import faust_app
 from engine.streams.framing import (
     SCHEMA_TOPIC,
     ConfluentRegistry,
@@ -126,19 +127,10 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
         time.sleep(settings.projector_topic_refresh_s)
         registry.refresh()
         subscribed = change_topics(bootstrap_servers, list(registry.debezium_topics))
-    app = faust.App(
+    app = faust_app(
+        settings,
         settings.projector_group,
-        broker=";".join(f"kafka://{server}" for server in bootstrap_servers.split(",")),
-        value_serializer="raw",
-        key_serializer="raw",
-        store="memory://",
-        web_enabled=False,
-        topic_disable_leader=True,
-        topic_allow_declare=False,
-        consumer_auto_offset_reset="earliest",
-        broker_rebalance_timeout=settings.broker_rebalance_timeout_s,
-        broker_session_timeout=settings.broker_session_timeout_s,
-        broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
+        bootstrap_servers,
         broker_commit_every=settings.projector_batch_size,
         broker_max_poll_records=max(500, settings.projector_batch_size),
         stream_buffer_maxsize=max(4096, settings.projector_batch_size * 2),

@@ -33,6 +33,7 @@ from engine.provisioning.lifecycle import (
     read_lifecycle,
     record_state,
 )
+from engine.runtime.faust_app import faust_app
 from engine.streams.spec import CaptureSpec
 from engine.streams.supervisor import OrgStatus, supervise
 from engine.streams.topics import TopicAdmin, dead_letter_topic
@@ -139,21 +140,7 @@ class CaptureFleet:
 
 def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> faust.App:
     ensure_provisioning_topic(settings, bootstrap_servers)
-    app = faust.App(
-        settings.provisioner_group,
-        broker=";".join(f"kafka://{server}" for server in bootstrap_servers.split(",")),
-        value_serializer="raw",
-        key_serializer="raw",
-        store="memory://",
-        web_enabled=False,
-        topic_disable_leader=True,
-        topic_allow_declare=False,
-        consumer_auto_offset_reset="earliest",
-        broker_rebalance_timeout=settings.broker_rebalance_timeout_s,
-        broker_session_timeout=settings.broker_session_timeout_s,
-        broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
-        broker_commit_every=1,
-    )
+    app = faust_app(settings, settings.provisioner_group, bootstrap_servers, broker_commit_every=1)
     commands = app.topic(PROVISIONING_TOPIC, key_serializer="raw", value_serializer="raw")
     dead = app.topic(dead_letter_topic(None), key_serializer="raw", value_serializer="raw")
     provisioner = Provisioner(settings, bootstrap_servers, staging_dsn)
