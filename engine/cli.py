@@ -238,9 +238,12 @@ def schemas(
 def purge() -> None:
     """Move every org's retention horizon now: purge old change-log entries and deletes."""
     from engine.projections.retention import purge_all
+    from engine.runtime.placement import StagingServers
 
     try:
-        reports = purge_all(resolve_endpoints(_settings()).staging_dsn)
+        settings = _settings()
+        servers = StagingServers.from_settings(settings, resolve_endpoints(settings).staging_dsn)
+        reports = [r for dsn in servers.servers.values() for r in purge_all(dsn)]
     except FieldSyncError as error:
         raise _fail(error) from None
     table = Table(title="Retention purge")

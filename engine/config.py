@@ -7,6 +7,7 @@ Left unset, the broker and staging settings mean "use the embedded runtime" (``f
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -37,6 +38,11 @@ class Settings(BaseSettings):
     staging_dsn: SecretStr | None = Field(
         default=None,
         description="PostgreSQL DSN of the staging/control database; unset = embedded PostgreSQL.",
+    )
+    staging_servers: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="More staging PostgreSQL servers as JSON {name: dsn}; each new org is placed "
+        "on the server (this one or the main one, named 'main') holding the fewest orgs.",
     )
     schema_registry_url: str | None = Field(
         default=None,
@@ -114,6 +120,31 @@ class Settings(BaseSettings):
     )
     gateway_jwt_audience: str = Field(default="fieldsync", min_length=1)
     gateway_jwt_issuer: str | None = Field(default=None)
+    gateway_jwt_max_lifetime_s: float = Field(
+        default=86_400.0,
+        gt=0,
+        description="Longest JWT lifetime accepted: exp - iat, or exp - now without iat.",
+    )
+    gateway_jwks_cache_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Keys of a JWKS URL are fetched again when older than this; a key removed "
+        "from the JWKS is refused after it.",
+    )
+    gateway_jwks_min_refetch_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="Least time between two fetches of a JWKS URL (an unknown kid fetches "
+        "early, at most this often).",
+    )
+    gateway_admin_enabled: bool = Field(
+        default=False,
+        description="Serve the admin API (/admin/…, /orgs/<org>/admin/…) on the gateway's "
+        "listener; off = those routes do not exist there.",
+    )
+    gateway_metrics_enabled: bool = Field(
+        default=False, description="Serve Prometheus /metrics on the gateway's listener."
+    )
     gateway_token_secret: SecretStr | None = Field(
         default=None,
         description="Signs sync tokens; every gateway of a deployment needs the same one. "
@@ -148,6 +179,16 @@ class Settings(BaseSettings):
             host, sep, port = server.strip().rpartition(":")
             if not sep or not host or not port.isdigit():
                 raise ValueError(f"expected host:port[,host:port], got {server.strip()!r}")
+        return value
+
+    @field_validator("staging_servers")
+    @classmethod
+    def _server_names(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name in value:
+            if name == "main" or not re.fullmatch(r"[a-z][a-z0-9_]{0,30}", name):
+                raise ValueError(
+                    f"server name {name!r}: expected a lowercase identifier other than 'main'"
+                )
         return value
 
     @field_validator("gateway_jwks", "gateway_domain", "gateway_jwt_issuer")

@@ -18,24 +18,25 @@ from typing import Annotated, Any, Literal
 import orjson
 import psycopg
 from anyio import to_thread
-from fastapi import Body, Depends, FastAPI, Header, Query, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import ConnectionPool
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES, GZipMiddleware
 
 from engine.config import Settings
 from engine.exceptions import FieldSyncError
 from engine.projections.staging import org_schema
+from engine.runtime.placement import StagingServers
 from gateway.access import AccessError, StagingMismatch
-from gateway.auth import Authenticator, Forbidden, Principal, Unauthorized
+from gateway.auth import Authenticator, Forbidden, KeysUnavailable, Principal, Unauthorized
 from gateway.live import LiveHub, wait_for
 from gateway.metrics import METRICS
 from gateway.middleware import RequestContext
 from gateway.snapshots import AVRO_MEDIA_TYPE, snapshot_router
-from gateway.store import UnknownOrg, ensure_schema, org_state, put_config
+from gateway.store import StagingPools, UnknownOrg, org_state, put_config
 from gateway.sync import SyncService
 from gateway.tokens import BadToken
 
@@ -44,13 +45,15 @@ log = logging.getLogger("fieldsync.gateway")
 ORG = r"^[a-z][a-z0-9_]{0,39}$"
 ENTITY = r"^[a-z_][a-z0-9_]{0,62}$"
 Section = Literal["entities", "roles", "profiles", "users"]
+EntityName = Annotated[str, StringConstraints(pattern=ENTITY)]
+SyncTokenText = Annotated[str, StringConstraints(max_length=16_384)]
 
 
 class SyncRequest(BaseModel):
     """Tokens per entity (``null``: the device has nothing yet); entities of the profile that are
     missing get ``must_bootstrap``, entities no longer in it get ``removed``."""
 
-    tokens: dict[str, str | None] = Field(default_factory=dict)
+    tokens: dict[EntityName, SyncTokenText | None] = Field(default_factory=dict, max_length=1000)
     wait: float = Field(default=0, ge=0, description="long-poll: seconds to wait for a change")
     limit: int | None = Field(default=None, ge=1, description="rows per entity and page")
 
@@ -90,21 +93,18 @@ def create_app(
     authenticator = Authenticator(
         settings, dev_secret=dev_jwt_secret(settings) if embedded else None
     )
-    pool: ConnectionPool[Any] = ConnectionPool(
-        staging_dsn, min_size=1, max_size=16, open=False, kwargs={"autocommit": True}
-    )
-    service = SyncService(pool, token_secret(settings), settings.gateway_page_rows, clock)
-    live = LiveHub(staging_dsn)
+    servers = StagingServers.from_settings(settings, staging_dsn)
+    pools = StagingPools(servers)
+    service = SyncService(pools, token_secret(settings), settings.gateway_page_rows, clock)
+    live = LiveHub(servers.servers)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await to_thread.run_sync(pool.open)
-        with pool.connection() as conn:
-            ensure_schema(conn)
+        await to_thread.run_sync(pools.open)
         live.start()
         yield
         await live.stop()
-        await to_thread.run_sync(pool.close)
+        await to_thread.run_sync(pools.close)
 
     app = FastAPI(
         title="FieldSync gateway",
@@ -129,9 +129,14 @@ def create_app(
 
     @app.exception_handler(Unauthorized)
     async def _unauthorized(_: Request, exc: Unauthorized) -> JSONResponse:
-        response = error(401, "unauthorized", str(exc))
-        response.headers["www-authenticate"] = "Bearer"
+        response = error(401, exc.code, exc.detail)
+        challenge = "Bearer" if exc.code == "missing_token" else 'Bearer error="invalid_token"'
+        response.headers["www-authenticate"] = challenge
         return response
+
+    @app.exception_handler(KeysUnavailable)
+    async def _no_keys(_: Request, exc: KeysUnavailable) -> JSONResponse:
+        return error(503, "jwks_unavailable", str(exc))
 
     @app.exception_handler(Forbidden)
     async def _forbidden(_: Request, exc: Forbidden) -> JSONResponse:
@@ -188,24 +193,26 @@ def create_app(
 
     @app.get("/readyz", tags=["operations"])
     async def readyz() -> JSONResponse:
-        def probe() -> None:
+        def probe(name: str, pool: ConnectionPool[Any]) -> None:
             with pool.connection(timeout=2) as conn:
                 conn.execute("SELECT 1")
 
         problems = []
-        try:
-            await to_thread.run_sync(probe)
-        except Exception as exc:
-            problems.append(f"staging: {type(exc).__name__}")
-        if not live.connected.is_set():
-            problems.append("live updates: not listening")
+        for name, pool in pools.pools.items():
+            try:
+                await to_thread.run_sync(probe, name, pool)
+            except Exception as exc:
+                problems.append(f"staging server {name}: {type(exc).__name__}")
+        problems += [f"live updates from {name}: not listening" for name in live.disconnected]
         if problems:
             return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics", tags=["operations"])
-    async def metrics() -> Response:
-        return Response(generate_latest(METRICS.registry), media_type=CONTENT_TYPE_LATEST)
+    if settings.gateway_metrics_enabled:
+
+        @app.get("/metrics", tags=["operations"])
+        async def metrics() -> Response:
+            return Response(generate_latest(METRICS.registry), media_type=CONTENT_TYPE_LATEST)
 
     # -- sync endpoint ----------------------------------------------------------------------
     @app.get("/orgs/{org}/metadata", tags=["sync"])
@@ -278,24 +285,34 @@ def create_app(
 
         return StreamingResponse(stream(), media_type="application/x-ndjson")
 
-    # -- admin endpoint ---------------------------------------------------------------------
-    def _db(fn: Callable[[psycopg.Connection[Any]], Any]) -> Awaitable[Any]:
+    # -- admin endpoint (served only with FIELDSYNC_GATEWAY_ADMIN_ENABLED) -------------------
+    admin_api = APIRouter(tags=["admin"])
+
+    def _org_db(org: str, fn: Callable[[psycopg.Connection[Any]], Any]) -> Awaitable[Any]:
+        """``fn`` on the org's staging server."""
+        return to_thread.run_sync(pools.run, org, fn)
+
+    def _main_db(fn: Callable[[psycopg.Connection[Any]], Any]) -> Awaitable[Any]:
+        """``fn`` on the main server (lifecycle, placements)."""
+
         def run() -> Any:
-            with pool.connection() as conn:
+            with pools.main() as conn:
                 return fn(conn)
 
         return to_thread.run_sync(run)
 
-    @app.get("/admin/orgs", tags=["admin"])
+    @admin_api.get("/admin/orgs")
     async def list_orgs(who: Who) -> list[str]:
         if not who.admin:
             raise Forbidden("the admin API needs a token with scope fieldsync:admin")
-        rows = await _db(
-            lambda c: c.execute("SELECT org FROM fieldsync_control.orgs ORDER BY org").fetchall()
+        by_server = await to_thread.run_sync(
+            pools.each,
+            lambda _, c: c.execute("SELECT org FROM fieldsync_control.orgs").fetchall(),
         )
-        return [org for (org,) in rows if who.may_use(org)]
+        orgs = sorted(org for rows in by_server.values() for (org,) in rows)
+        return [org for org in orgs if who.may_use(org)]
 
-    @app.get("/orgs/{org}/admin/status", tags=["admin"])
+    @admin_api.get("/orgs/{org}/admin/status")
     async def status(org: OrgPath, who: Who) -> dict[str, Any]:
         """Per entity: watermark, retention horizon, counts (consumed, applied, dead letters)
         and, when the gateway knows the broker, the projector group's lag."""
@@ -330,9 +347,9 @@ def create_app(
                     consumed=consumed, applied=applied, duplicates=duplicates, dead_lettered=dead
                 )
             return {"org": org, "staging_epoch": epoch, "config_revision": revision,
-                    "entities": entities}  # fmt: skip
+                    "staging_server": pools.server_of(org), "entities": entities}  # fmt: skip
 
-        result: dict[str, Any] = await _db(read)
+        result: dict[str, Any] = await _org_db(org, read)
         if bootstrap_servers is not None and result["entities"]:
             from engine.projections.lag import projector_lag
             from engine.streams.topics import change_topic
@@ -345,7 +362,7 @@ def create_app(
                 result["entities"][topics[topic]]["lag"] = behind
         return result
 
-    @app.post("/orgs/{org}/admin/lifecycle/{kind}", tags=["admin"], status_code=202)
+    @admin_api.post("/orgs/{org}/admin/lifecycle/{kind}", status_code=202)
     async def lifecycle_command(
         org: OrgPath,
         kind: Literal["provision", "update", "decommission"],
@@ -367,7 +384,7 @@ def create_app(
         await to_thread.run_sync(publish, settings, bootstrap_servers, [command])
         return {"org": org, "kind": kind, "command": command.id}
 
-    @app.get("/orgs/{org}/admin/lifecycle", tags=["admin"])
+    @admin_api.get("/orgs/{org}/admin/lifecycle")
     async def lifecycle_state(org: OrgPath, who: Who) -> dict[str, Any]:
         """The org's lifecycle: state, reason, entities, last command applied."""
         admin(org, who)
@@ -377,7 +394,7 @@ def create_app(
             ensure_lifecycle_schema(conn)
             return next(iter(read_lifecycle(conn, org)), None)
 
-        state = await _db(read)
+        state = await _main_db(read)
         if state is None:
             raise UnknownOrg(org)
         return {
@@ -389,22 +406,22 @@ def create_app(
             "command": state.command_id,
         }
 
-    @app.get("/orgs/{org}/admin/offline", tags=["admin"])
+    @admin_api.get("/orgs/{org}/admin/offline")
     async def get_offline(org: OrgPath, who: Who) -> dict[str, Any]:
         admin(org, who)
-        _, config, revision = await _db(lambda c: org_state(c, org))
+        _, config, revision = await _org_db(org, lambda c: org_state(c, org))
         return {"revision": revision, "config": config.model_dump(mode="json")}
 
-    @app.put("/orgs/{org}/admin/offline", tags=["admin"])
+    @admin_api.put("/orgs/{org}/admin/offline")
     async def put_offline(
         org: OrgPath, who: Who, document: Annotated[dict[str, Any], Body()]
     ) -> dict[str, Any]:
         """Replace the whole offline configuration (validated against staging)."""
         admin(org, who)
-        config, revision = await _db(lambda c: put_config(c, org, document))
+        config, revision = await _org_db(org, lambda c: put_config(c, org, document))
         return {"revision": revision, "config": config.model_dump(mode="json")}
 
-    @app.put("/orgs/{org}/admin/offline/{section}/{name}", tags=["admin"])
+    @admin_api.put("/orgs/{org}/admin/offline/{section}/{name}")
     async def put_item(
         org: OrgPath,
         section: Section,
@@ -421,13 +438,13 @@ def create_app(
             document[section][name] = item
             return put_config(conn, org, document)
 
-        config, revision = await _db(update)
+        config, revision = await _org_db(org, update)
         return {
             "revision": revision,
             section: {name: config.model_dump(mode="json")[section][name]},
         }
 
-    @app.delete("/orgs/{org}/admin/offline/{section}/{name}", tags=["admin"])
+    @admin_api.delete("/orgs/{org}/admin/offline/{section}/{name}")
     async def delete_item(org: OrgPath, section: Section, name: str, who: Who) -> dict[str, Any]:
         """Remove one entity, role, profile or user (refused while something refers to it)."""
         admin(org, who)
@@ -440,9 +457,11 @@ def create_app(
             del document[section][name]
             return put_config(conn, org, document)
 
-        _, revision = await _db(update)
+        _, revision = await _org_db(org, update)
         return {"revision": revision}
 
+    if settings.gateway_admin_enabled:
+        app.include_router(admin_api)
     return app
 
 

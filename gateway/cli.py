@@ -25,7 +25,17 @@ def _fail(error: Exception) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-def apply_offline(staging_dsn: str, org_file: Path) -> int:
+def _org_dsn(org: str) -> str:
+    """The staging server the org is placed on."""
+    from engine.runtime.placement import StagingServers
+
+    settings = get_settings()
+    return StagingServers.from_settings(settings, resolve_endpoints(settings).staging_dsn).dsn_for(
+        org
+    )
+
+
+def apply_offline(org_file: Path) -> int:
     """Store an org file's ``offline:`` section; returns the new revision."""
     import psycopg
 
@@ -37,7 +47,7 @@ def apply_offline(staging_dsn: str, org_file: Path) -> int:
     section = load_offline_section(org_file)
     if section is None:
         raise ConfigError(f"org file {org_file}: no 'offline' section")
-    with psycopg.connect(staging_dsn, autocommit=True) as conn:
+    with psycopg.connect(_org_dsn(org), autocommit=True) as conn:
         ensure_schema(conn)
         try:
             _, revision = put_config(conn, org, section)
@@ -63,7 +73,7 @@ def gateway(
     try:
         endpoints = resolve_endpoints(settings)
         for path in org_file or []:
-            apply_offline(endpoints.staging_dsn, path)
+            apply_offline(path)
     except FieldSyncError as error:
         raise _fail(error) from None
     console.print(
@@ -82,7 +92,7 @@ def gateway(
 def offline_set(org_file: Annotated[Path, typer.Argument(help="Org file (YAML/JSON).")]) -> None:
     """Validate an org file's offline section against staging and store it."""
     try:
-        revision = apply_offline(resolve_endpoints(get_settings()).staging_dsn, org_file)
+        revision = apply_offline(org_file)
     except FieldSyncError as error:
         raise _fail(error) from None
     console.print(f"offline configuration stored (revision {revision})")
@@ -97,7 +107,7 @@ def offline_show(org: str) -> None:
     from gateway.store import UnknownOrg, ensure_schema, org_state
 
     try:
-        with psycopg.connect(resolve_endpoints(get_settings()).staging_dsn) as conn:
+        with psycopg.connect(_org_dsn(org)) as conn:
             ensure_schema(conn)
             _, config, revision = org_state(conn, org)
     except (FieldSyncError, UnknownOrg) as error:

@@ -1,4 +1,4 @@
-"""Live updates: one LISTEN connection per gateway process wakes every waiting long-poll.
+"""Live updates: one LISTEN connection per staging server wakes every waiting long-poll.
 
 The projector sends ``NOTIFY fieldsync_changes, '<org>.<entity>:<watermark>'`` in the transaction
 that raises a watermark, so the notification arrives exactly when the change is readable. A
@@ -22,20 +22,30 @@ log = logging.getLogger("fieldsync.gateway.live")
 
 
 class LiveHub:
-    def __init__(self, dsn: str) -> None:
-        self._dsn = dsn
+    def __init__(self, dsns: dict[str, str]) -> None:
+        """``dsns``: every staging server by name (an org's changes come from its server)."""
+        self._dsns = dsns
         self._events: dict[str, asyncio.Event] = {}
-        self._task: asyncio.Task[None] | None = None
-        self.connected = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._connected: dict[str, bool] = dict.fromkeys(dsns, False)
+
+    @property
+    def disconnected(self) -> list[str]:
+        """Servers whose notifications this gateway does not receive right now."""
+        return [server for server, up in self._connected.items() if not up]
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._listen(), name="fieldsync-live")
+        self._tasks = [
+            asyncio.create_task(self._listen(server, dsn), name=f"fieldsync-live-{server}")
+            for server, dsn in self._dsns.items()
+        ]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
 
     def event(self, org: str) -> asyncio.Event:
         """The event the next change of any entity of ``org`` sets (waiters whose entities
@@ -52,14 +62,14 @@ class LiveHub:
         for name in list(self._events):
             self._fire(name)
 
-    async def _listen(self) -> None:
+    async def _listen(self, server: str, dsn: str) -> None:
         pause = 0.2
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
+                conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
                 async with conn:
                     await conn.execute(f"LISTEN {CHANGES_CHANNEL}")
-                    self.connected.set()
+                    self._connected[server] = True
                     self._fire_all()
                     pause = 0.2
                     async for notify in conn.notifies():
@@ -67,8 +77,8 @@ class LiveHub:
             except asyncio.CancelledError:
                 raise
             except psycopg.Error as error:
-                log.warning("live updates: %s; reconnecting in %.1fs", error, pause)
-            self.connected.clear()
+                log.warning("live updates from %s: %s; reconnecting in %.1fs", server, error, pause)
+            self._connected[server] = False
             self._fire_all()
             await asyncio.sleep(pause)
             pause = min(pause * 2, 5.0)

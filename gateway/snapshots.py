@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 import orjson
-import psycopg
 from anyio import to_thread
 from fastapi import APIRouter, Depends, Header, Query
 from fastapi import Path as PathParam
@@ -65,11 +64,8 @@ class SnapshotService:
     def resolve(
         self, org: str, who: Principal, entity: str, snapshot: str | None
     ) -> tuple[OrgContext, Manifest]:
-        with self.sync.pool.connection() as conn:
-            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-            with conn.transaction():
-                # the same checks as /sync: org of the token, offline role, profile
-                ctx = self.sync._context(conn, org, who)
+        # the same checks as /sync: org of the token, offline role, profile
+        ctx = self.sync.read(org, lambda conn: self.sync._context(conn, org, who))
         items = ctx.view.items.get(entity)
         if not items:
             raise Forbidden(f"entity {entity!r} is not in this user's offline profile")

@@ -3,19 +3,28 @@
 ``offline_config`` holds one validated :class:`~gateway.access.OfflineConfig` per org with a
 revision; ``orgs.staging_epoch`` names the current generation of an org's staging (a replay that
 rebuilds staging bumps it, and every token of the old generation then gets ``must_bootstrap``).
+Both live on the org's staging server (:mod:`engine.runtime.placement`), reached through
+:class:`StagingPools`.
 """
 
 from __future__ import annotations
 
 import secrets
-from typing import Any
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import orjson
 import psycopg
+from psycopg_pool import ConnectionPool
 
 from engine.projections.projector import COUNTS_DDL
+from engine.runtime.placement import MAIN, PLACEMENT_DDL, StagingServers
 from gateway.access import OfflineConfig, parse_config, validate_config
 from gateway.views import load_catalog
+
+T = TypeVar("T")
 
 GATEWAY_DDL = """
 ALTER TABLE fieldsync_control.orgs
@@ -94,4 +103,89 @@ def bump_epoch(conn: psycopg.Connection[Any], org: str) -> str:
     return epoch
 
 
-__all__ = ["GATEWAY_DDL", "UnknownOrg", "bump_epoch", "ensure_schema", "org_state", "put_config"]
+class StagingPools:
+    """One connection pool per staging server; an org's reads go to the server it is placed on.
+
+    Placements are cached: one never changes while its org exists. A cached placement that
+    names the wrong server (the org was decommissioned and provisioned again elsewhere) shows
+    as :class:`UnknownOrg` there, and :meth:`run` then looks it up again once.
+    """
+
+    def __init__(self, servers: StagingServers, *, max_size: int = 16) -> None:
+        self.servers = servers
+        self.pools: dict[str, ConnectionPool[Any]] = {
+            name: ConnectionPool(
+                dsn, min_size=1, max_size=max_size, open=False, kwargs={"autocommit": True}
+            )
+            for name, dsn in servers.servers.items()
+        }
+        self._placement: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def open(self) -> None:
+        for name, pool in self.pools.items():
+            pool.open()
+            with pool.connection() as conn:
+                ensure_schema(conn)
+                if name == MAIN:
+                    conn.execute(PLACEMENT_DDL)
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+
+    def main(self) -> Any:
+        """A connection to the main server (lifecycle, placements)."""
+        return self.pools[MAIN].connection()
+
+    def server_of(self, org: str) -> str:
+        with self._lock:
+            server = self._placement.get(org)
+        if server is None:
+            with self.main() as conn:
+                row = conn.execute(
+                    "SELECT server FROM fieldsync_control.placements WHERE org = %s", (org,)
+                ).fetchone()
+            server = str(row[0]) if row else MAIN
+            self.servers.dsn(server)  # a server that is not configured: ConfigError
+            with self._lock:
+                self._placement[org] = server
+        return server
+
+    @contextmanager
+    def connection(self, org: str) -> Iterator[psycopg.Connection[Any]]:
+        with self.pools[self.server_of(org)].connection() as conn:
+            yield conn
+
+    def run(self, org: str, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """``fn`` on a connection to the org's server (looked up again once if the org is not
+        there)."""
+        try:
+            with self.connection(org) as conn:
+                return fn(conn)
+        except UnknownOrg:
+            with self._lock:
+                cached = self._placement.pop(org, None)
+            if cached is None or self.server_of(org) == cached:
+                raise
+            with self.connection(org) as conn:
+                return fn(conn)
+
+    def each(self, fn: Callable[[str, psycopg.Connection[Any]], T]) -> dict[str, T]:
+        """``fn`` on every server, by server name."""
+        results = {}
+        for name, pool in self.pools.items():
+            with pool.connection() as conn:
+                results[name] = fn(name, conn)
+        return results
+
+
+__all__ = [
+    "GATEWAY_DDL",
+    "StagingPools",
+    "UnknownOrg",
+    "bump_epoch",
+    "ensure_schema",
+    "org_state",
+    "put_config",
+]

@@ -1,7 +1,8 @@
 """The sync protocol's logic, independent of HTTP: metadata, deltas, bootstrap streams.
 
-Every call checks out one pooled connection and reads in one ``REPEATABLE READ`` snapshot, so
-watermarks, horizons and rows agree. See ``docs/protocol.md`` for the wire format.
+Every call checks out one pooled connection to the org's staging server and reads in one
+``REPEATABLE READ`` snapshot, so watermarks, horizons and rows agree. See ``docs/protocol.md``
+for the wire format.
 """
 
 from __future__ import annotations
@@ -10,11 +11,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import psycopg
-from psycopg_pool import ConnectionPool
 
 from gateway.access import (
     AccessError,
@@ -27,7 +27,7 @@ from gateway.access import (
 )
 from gateway.auth import Forbidden, Principal
 from gateway.metrics import METRICS
-from gateway.store import org_state
+from gateway.store import StagingPools, org_state
 from gateway.tokens import BadToken, Position, SyncToken, decode, encode
 from gateway.views import (
     EntityMeta,
@@ -38,6 +38,8 @@ from gateway.views import (
     load_catalog,
     read_marks,
 )
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -101,13 +103,13 @@ def _clock(seconds: float) -> datetime:
 class SyncService:
     def __init__(
         self,
-        pool: ConnectionPool[Any],
+        pools: StagingPools,
         token_secret: str,
         page_rows: int,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.clock = clock  # time windows are evaluated at this clock (tests move it)
-        self.pool = pool
+        self.pools = pools
         self.secret = token_secret
         self.page_rows = page_rows
 
@@ -131,15 +133,19 @@ class SyncService:
         view = UserView(view.org, view.user, view.roles, view.teams, items)
         return OrgContext(org, epoch, config, revision, view, catalog, marks)
 
-    def _snapshot(self) -> Any:
-        return self.pool.connection()
+    def read(self, org: str, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """``fn`` in one ``REPEATABLE READ`` transaction on the org's staging server."""
+
+        def snapshot(conn: psycopg.Connection[Any]) -> T:
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            with conn.transaction():
+                return fn(conn)
+
+        return self.pools.run(org, snapshot)
 
     # -- metadata -----------------------------------------------------------------------
     def metadata(self, org: str, who: Principal) -> dict[str, Any]:
-        with self._snapshot() as conn:
-            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-            with conn.transaction():
-                ctx = self._context(conn, org, who)
+        ctx = self.read(org, lambda conn: self._context(conn, org, who))
         entities = []
         for entity in ctx.view.entities_by_priority():
             meta = ctx.catalog[entity]
@@ -175,16 +181,18 @@ class SyncService:
     ) -> list[EntityResult]:
         """Results per entity of the profile in priority order (then entities that left it)."""
         limit = min(limit or self.page_rows, self.page_rows)
-        with self._snapshot() as conn:
-            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-            with conn.transaction():
-                ctx = self._context(conn, org, who)
-                results = []
-                wanted = ctx.view.entities_by_priority()
-                for entity in wanted:
-                    results.append(self._entity(conn, ctx, entity, tokens.get(entity), limit))
-                for entity in sorted(set(tokens) - set(wanted)):
-                    results.append(EntityResult(entity, control="removed", reason="not_in_profile"))
+
+        def read(conn: psycopg.Connection[Any]) -> list[EntityResult]:
+            ctx = self._context(conn, org, who)
+            wanted = ctx.view.entities_by_priority()
+            results = [self._entity(conn, ctx, e, tokens.get(e), limit) for e in wanted]
+            results += [
+                EntityResult(entity, control="removed", reason="not_in_profile")
+                for entity in sorted(set(tokens) - set(wanted))
+            ]
+            return results
+
+        results = self.read(org, read)
         METRICS.rows_served.labels("delta").inc(sum(len(r.upserts) for r in results))
         return results
 
@@ -259,22 +267,22 @@ class SyncService:
     ) -> Iterator[bytes]:
         """NDJSON lines: a header, rows, a ``$cursor`` after every page, ``$done`` with the
         delta token at the end. Validation happens before the first line is produced."""
-        with self._snapshot() as conn:
-            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-            with conn.transaction():
-                ctx = self._context(conn, org, who)
-                if entity not in ctx.view.items:
-                    raise Forbidden(f"entity {entity!r} is not in this user's offline profile")
-                if cursor is None:
-                    token = SyncToken(
-                        "bootstrap", org, who.user, entity,
-                        ctx.view.rule_hash(entity, ctx.config), ctx.epoch,
-                        ctx.position(entity, self.clock()),
-                    )  # fmt: skip
-                    reason = None
-                else:
-                    token = decode(cursor, self.secret)
-                    reason = self._check(token, ctx, entity, "bootstrap")
+
+        def read(conn: psycopg.Connection[Any]) -> tuple[OrgContext, SyncToken, str | None]:
+            ctx = self._context(conn, org, who)
+            if entity not in ctx.view.items:
+                raise Forbidden(f"entity {entity!r} is not in this user's offline profile")
+            if cursor is None:
+                token = SyncToken(
+                    "bootstrap", org, who.user, entity,
+                    ctx.view.rule_hash(entity, ctx.config), ctx.epoch,
+                    ctx.position(entity, self.clock()),
+                )  # fmt: skip
+                return ctx, token, None
+            token = decode(cursor, self.secret)
+            return ctx, token, self._check(token, ctx, entity, "bootstrap")
+
+        ctx, token, reason = self.read(org, read)
         meta = ctx.catalog[entity]
         return self._bootstrap_lines(ctx, token, meta, reason)
 
@@ -300,7 +308,7 @@ class SyncService:
         for parent in rule.parents:
             params[f"rw_{parent}_new"] = token.at.parents[parent]
         while True:
-            with self._snapshot() as conn:
+            with self.pools.connection(ctx.org) as conn:
                 page = bootstrap_page(
                     conn, rule, token.at.watermark, params, token.after, self.page_rows
                 )

@@ -6,6 +6,7 @@ Set ``FIELDSYNC_TEST_DSN`` (a superuser DSN of a PostgreSQL with ``wal_level=log
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import uuid
@@ -61,9 +62,9 @@ def _replace_dbname(dsn: str, dbname: str) -> str:
     return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
 
 
-@pytest.fixture()
-def fresh_database(pg_admin_dsn: str) -> Iterator[str]:
-    """A new empty database for one test; dropped (with its replication slots) afterwards."""
+@contextlib.contextmanager
+def _database(pg_admin_dsn: str) -> Iterator[str]:
+    """A new empty database; dropped (with its replication slots) afterwards."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -76,6 +77,20 @@ def fresh_database(pg_admin_dsn: str) -> Iterator[str]:
             ).fetchall():
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture()
+def fresh_database(pg_admin_dsn: str) -> Iterator[str]:
+    """A new empty database for one test."""
+    with _database(pg_admin_dsn) as dsn:
+        yield dsn
+
+
+@pytest.fixture()
+def second_database(pg_admin_dsn: str) -> Iterator[str]:
+    """Another one, standing for a second staging server."""
+    with _database(pg_admin_dsn) as dsn:
+        yield dsn
 
 
 @pytest.fixture()

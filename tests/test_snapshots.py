@@ -312,9 +312,9 @@ def test_schedule_round_builds_what_changed_and_the_cli_builds_lists_prunes(
     request: pytest.FixtureRequest,
 ) -> None:
     request.addfinalizer(get_settings.cache_clear)  # the CLI reads the environment below
-    assert run_schedule(world.dsn, store, 0.01, group=GROUP, keep=2, rounds=2) == 2  # once each
+    assert run_schedule([world.dsn], store, 0.01, group=GROUP, keep=2, rounds=2) == 2  # once each
     world.upsert("job", 1, status="late")
-    assert run_schedule(world.dsn, store, 0.01, group=GROUP, keep=2, rounds=1) == 1
+    assert run_schedule([world.dsn], store, 0.01, group=GROUP, keep=2, rounds=1) == 1
     assert len(store.list(world.org, "job")) == 2 and len(store.list(world.org, "account")) == 1
     for name, value in {
         "FIELDSYNC_STAGING_DSN": world.dsn,

@@ -35,6 +35,7 @@ from engine.projections.metrics import METRICS
 from engine.projections.projector import COUNTS_DDL, DeadLetter, Projector, RawMessage
 from engine.projections.retention import purge_all
 from engine.runtime.faust_app import faust_app
+from engine.runtime.placement import StagingServers
 from engine.streams.framing import (
     SCHEMA_TOPIC,
     ConfluentRegistry,
@@ -74,25 +75,32 @@ def change_topics(bootstrap_servers: str, extra: Sequence[str] = ()) -> list[str
 
 
 class OrgRegistry:
-    """The orgs the projector accepts, read from the control schema (refreshed by the timer)."""
+    """The orgs the projector accepts and the staging server of each, read from every staging
+    server's control schema (refreshed by the timer)."""
 
-    def __init__(self, staging_dsn: str) -> None:
-        self._dsn = staging_dsn
-        self.orgs: set[str] = set()
+    def __init__(self, servers: StagingServers) -> None:
+        self._servers = servers
+        self.placement: dict[str, str] = {}
         self.debezium_topics: dict[str, tuple[str, str]] = {}
 
+    @property
+    def orgs(self) -> set[str]:
+        return set(self.placement)
+
     def refresh(self) -> None:
-        with psycopg.connect(self._dsn) as conn:
-            conn.execute(COUNTS_DDL)
-            rows = conn.execute(
-                "SELECT org, debezium_topics FROM fieldsync_control.orgs"
-            ).fetchall()
-        self.orgs = {org for org, _ in rows}
-        self.debezium_topics = {
-            topic: (org, entity)
-            for org, mapping in rows
-            for topic, entity in (mapping or {}).items()
-        }
+        placement: dict[str, str] = {}
+        topics: dict[str, tuple[str, str]] = {}
+        for server, dsn in self._servers.servers.items():
+            with psycopg.connect(dsn) as conn:
+                conn.execute(COUNTS_DDL)
+                rows = conn.execute(
+                    "SELECT org, debezium_topics FROM fieldsync_control.orgs"
+                ).fetchall()
+            for org, mapping in rows:
+                placement.setdefault(org, server)
+                topics.update({topic: (org, entity) for topic, entity in (mapping or {}).items()})
+        self.placement = placement
+        self.debezium_topics = topics
 
 
 def register_org(
@@ -119,7 +127,8 @@ def register_org(
 
 
 def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> faust.App:
-    registry = OrgRegistry(staging_dsn)
+    servers = StagingServers.from_settings(settings, staging_dsn)
+    registry = OrgRegistry(servers)
     registry.refresh()
     subscribed = change_topics(bootstrap_servers, list(registry.debezium_topics))
     while not subscribed:  # a worker may start before the first org is provisioned
@@ -172,7 +181,7 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
         for future in futures:
             await future
 
-    projector = Projector(staging_dsn, decoder, router, lambda: registry.orgs, send_dead_letters)
+    projector = Projector(servers, decoder, router, lambda: registry.placement, send_dead_letters)
 
     @app.agent(channel, concurrency=1)
     async def project(stream: faust.StreamT[Any]) -> None:
@@ -217,9 +226,10 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
     @app.timer(settings.retention_purge_interval_s)  # type: ignore[untyped-decorator]  # faust: bare Callable
     async def purge_below_horizon() -> None:
         """Move every org's retention horizon (idempotent: workers may all run it)."""
-        for report in await asyncio.to_thread(purge_all, staging_dsn):
-            if report.error:
-                log.warning("org %s: purge failed: %s", report.org, report.error)
+        for dsn in servers.servers.values():
+            for report in await asyncio.to_thread(purge_all, dsn):
+                if report.error:
+                    log.warning("org %s: purge failed: %s", report.org, report.error)
 
     return app
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from engine.projections.exceptions import DecodeError, ProjectionError
 from engine.projections.metrics import METRICS
 from engine.projections.model import ChangeEvent, Tombstone
 from engine.projections.staging import Staging
+from engine.runtime.placement import MAIN, StagingServers
 from engine.streams.topics import dead_letter_topic
 
 log = logging.getLogger("fieldsync.projector")
@@ -108,32 +109,36 @@ class Projector:
 
     def __init__(
         self,
-        staging_dsn: str,
+        servers: StagingServers,
         decoder: EventDecoder,
         router: TopicRouter,
-        known_orgs: Callable[[], set[str]],
+        placement: Callable[[], Mapping[str, str]],
         send_dead_letters: SendDeadLetters,
     ) -> None:
-        self._dsn = staging_dsn
+        """``placement``: the known orgs and the staging server of each."""
+        self._servers = servers
         self._decoder = decoder
         self._router = router
-        self._known_orgs = known_orgs
+        self._placement = placement
         self._send_dead_letters = send_dead_letters
-        self._staging: Staging | None = None
+        self._staging: dict[str, Staging] = {}
 
-    def _connection(self) -> Staging:
-        if self._staging is None or self._staging.conn.closed:
-            conn = psycopg.connect(self._dsn, application_name="fieldsync-projector")
+    def _connection(self, server: str) -> Staging:
+        staging = self._staging.get(server)
+        if staging is None or staging.conn.closed:
+            conn = psycopg.connect(
+                self._servers.dsn(server), application_name="fieldsync-projector"
+            )
             conn.execute(COUNTS_DDL)
             conn.commit()
-            self._staging = Staging(conn)
-        return self._staging
+            staging = self._staging[server] = Staging(conn)
+        return staging
 
     async def handle(self, messages: Sequence[RawMessage]) -> BatchReport:
         report = BatchReport(consumed=len(messages))
         groups: dict[tuple[str, str], list[ChangeEvent]] = defaultdict(list)
         dead: list[DeadLetter] = []
-        known = self._known_orgs()
+        known = self._placement()
         for message in messages:  # step 1
             try:
                 decoded = await self._decoder.decode(
@@ -174,7 +179,7 @@ class Projector:
         by_origin = {(m.topic, m.partition, m.offset): m for m in messages}
         for (org, entity), events in groups.items():  # step 2
             try:
-                result = await asyncio.to_thread(self._apply, org, entity, events)
+                result = await asyncio.to_thread(self._apply, known[org], org, entity, events)
             except ProjectionError as error:
                 log.error(
                     "org %s, entity %s: %s; dead-lettering %d events",
@@ -205,21 +210,23 @@ class Projector:
             report.dead_lettered = len(dead)
             for letter in dead:
                 METRICS.dead_lettered.labels(letter.org or "", letter.reason).inc()
-        await asyncio.to_thread(self._record_counts, report, dead)  # step 4
+        await asyncio.to_thread(self._record_counts, report, dead, known)  # step 4
         METRICS.events.inc(report.consumed)
         METRICS.batch_size.observe(report.consumed)
         return report
 
-    def _apply(self, org: str, entity: str, events: list[ChangeEvent]) -> Any:
-        staging = self._connection()
+    def _apply(self, server: str, org: str, entity: str, events: list[ChangeEvent]) -> Any:
+        staging = self._connection(server)
         try:
             return staging.apply(org, entity, events)
         except psycopg.OperationalError:
-            self._staging = None  # reconnect next time; the batch is re-delivered
+            self._staging.pop(server, None)  # reconnect next time; the batch is re-delivered
             raise
 
-    def _record_counts(self, report: BatchReport, dead: Sequence[DeadLetter]) -> None:
-        staging = self._connection()
+    def _record_counts(
+        self, report: BatchReport, dead: Sequence[DeadLetter], placement: Mapping[str, str]
+    ) -> None:
+        """Counts go to each org's server (those of no known org to the main one)."""
         rows: dict[tuple[str, str], list[int]] = {
             key: list(value) for key, value in report.per_entity.items()
         }
@@ -229,6 +236,23 @@ class Projector:
             counts = rows.setdefault(key, [0, 0, 0, 0])
             counts[0] += 1
             counts[3] += 1
+        by_server: dict[str, list[tuple[str, str, int, int, int, int]]] = defaultdict(list)
+        for (org, entity), counts in rows.items():
+            consumed, applied, duplicates, dead_lettered = counts
+            by_server[placement.get(org, MAIN)].append(
+                (org, entity, consumed, applied, duplicates, dead_lettered)
+            )
+        for server, server_rows in by_server.items():
+            try:
+                self._write_counts(self._connection(server), server_rows)
+            except psycopg.OperationalError:
+                self._staging.pop(server, None)
+                raise
+
+    @staticmethod
+    def _write_counts(
+        staging: Staging, rows: Sequence[tuple[str, str, int, int, int, int]]
+    ) -> None:
         with staging.conn.transaction(), staging.conn.cursor() as cursor:
             cursor.executemany(
                 """
@@ -241,5 +265,5 @@ class Projector:
                     duplicates = c.duplicates + EXCLUDED.duplicates,
                     dead_lettered = c.dead_lettered + EXCLUDED.dead_lettered
                 """,
-                [(org, entity, *counts) for (org, entity), counts in rows.items()],
+                rows,
             )

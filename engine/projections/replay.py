@@ -126,6 +126,7 @@ from engine.projections.model import (
     Tombstone,
 )
 from engine.projections.staging import CHANGES_CHANNEL, ApplyResult, Staging, org_schema
+from engine.runtime.placement import StagingServers
 
 if TYPE_CHECKING:  # the command's module is imported by every fieldsync invocation: stay light
     from aiokafka import AIOKafkaConsumer
@@ -482,7 +483,8 @@ class Replay:
         self._store = snapshots
         self._seeded: set[str] = set()
         self.bootstrap = bootstrap_servers
-        self.dsn = staging_dsn
+        # everything happens on the org's staging server (schema and epoch swap in one commit)
+        self.dsn = StagingServers.from_settings(settings, staging_dsn).dsn_for(org)
         self.org = org
         self.entity = entity
         self.swap = swap
@@ -509,7 +511,7 @@ class Replay:
         from engine.projections.app import OrgRegistry
         from gateway.store import ensure_schema  # the staging epoch lives with the gateway
 
-        registry = OrgRegistry(self.dsn)
+        registry = OrgRegistry(StagingServers(self.dsn))
         registry.refresh()
         if self.org not in registry.orgs:
             raise ReplayError(

@@ -90,20 +90,30 @@ def status(org: Annotated[str | None, typer.Argument()] = None) -> None:
     import psycopg
 
     from engine.provisioning.lifecycle import ensure_lifecycle_schema, read_lifecycle
+    from engine.runtime.placement import StagingServers
 
     try:
-        dsn = resolve_endpoints(get_settings()).staging_dsn
+        settings = get_settings()
+        servers = StagingServers.from_settings(settings, resolve_endpoints(settings).staging_dsn)
     except FieldSyncError as error:
         raise _fail(error) from None
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with psycopg.connect(servers.main_dsn, autocommit=True) as conn:
         ensure_lifecycle_schema(conn)
         rows = read_lifecycle(conn, org)
+    placements = servers.placements()
     table = Table(title="organisations")
-    for column in ("org", "state", "entities", "partition", "reason"):
+    for column in ("org", "state", "entities", "staging server", "partition", "reason"):
         table.add_column(column)
     for row in rows:
         entities = ", ".join(sorted(row.spec.entities)) if row.spec else ""
-        table.add_row(row.org, row.state, entities, str(row.partition), row.reason or "")
+        table.add_row(
+            row.org,
+            row.state,
+            entities,
+            placements.get(row.org, ""),
+            str(row.partition),
+            row.reason or "",
+        )
     console.print(table)
 
 

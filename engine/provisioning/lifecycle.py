@@ -27,6 +27,7 @@ from engine.projections.app import register_org
 from engine.projections.projector import COUNTS_DDL
 from engine.projections.staging import org_schema
 from engine.provisioning.commands import Command, OrgSpec
+from engine.runtime.placement import StagingServers
 from engine.streams.topics import TopicAdmin, change_topic, dead_letter_topic, transaction_topic
 
 log = logging.getLogger("fieldsync.provisioning")
@@ -111,9 +112,11 @@ class Provisioner:
     """Applies commands against the broker, the staging database and the org's source."""
 
     def __init__(self, settings: Settings, bootstrap_servers: str, staging_dsn: str) -> None:
+        """``staging_dsn``: the main staging server (lifecycle and placements live there)."""
         self.settings = settings
         self.bootstrap = bootstrap_servers
         self.dsn = staging_dsn
+        self.servers = StagingServers.from_settings(settings, staging_dsn)
 
     def _admin(self) -> TopicAdmin:
         return TopicAdmin(
@@ -138,7 +141,7 @@ class Provisioner:
                     return "decommissioned"
                 record_state(conn, command, "decommissioning", partition=partition, keep_spec=False)
                 try:
-                    self._decommission(conn, command.org, previous.spec, mark)
+                    self._decommission(command.org, previous.spec, mark)
                 except Exception as error:
                     reason = f"decommission incomplete: {error}"
                     record_state(
@@ -154,19 +157,12 @@ class Provisioner:
                 if previous is not None and previous.spec is not None
                 else set()
             )
-            self._provision(conn, command.org, command.spec, removed, mark)
+            self._provision(command.org, command.spec, removed, mark)
             record_state(conn, command, "active", partition=partition)
             return "active"
 
     # -- steps ---------------------------------------------------------------------------------
-    def _provision(
-        self,
-        conn: psycopg.Connection[Any],
-        org: str,
-        spec: OrgSpec,
-        removed: set[str],
-        mark: Step,
-    ) -> None:
+    def _provision(self, org: str, spec: OrgSpec, removed: set[str], mark: Step) -> None:
         mark("topics")
         admin = self._admin()
         try:
@@ -181,14 +177,17 @@ class Provisioner:
             admin.delete(change_topic(org, e) for e in removed)
         finally:
             admin.close()
-        for entity in sorted(removed):
-            self._drop_entity(conn, org, entity)
-        mark("staging")
-        register_org(
-            self.dsn, org, retention_days=spec.retention_days, debezium_topics=spec.debezium_topics
-        )
-        mark("offline")
-        self._offline(conn, org, spec, removed)
+        mark("placement")
+        dsn = self.servers.dsn(self.servers.place(org))
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for entity in sorted(removed):
+                self._drop_entity(conn, org, entity)
+            mark("staging")
+            register_org(
+                dsn, org, retention_days=spec.retention_days, debezium_topics=spec.debezium_topics
+            )
+            mark("offline")
+            self._offline(conn, org, spec, removed)
 
     def _drop_entity(self, conn: psycopg.Connection[Any], org: str, entity: str) -> None:
         schema = sql.Identifier(org_schema(org))
@@ -231,9 +230,7 @@ class Provisioner:
             document = _without_entities(document, removed | _not_in(document, spec))
             put_config(conn, org, document, pending=True)
 
-    def _decommission(
-        self, conn: psycopg.Connection[Any], org: str, spec: OrgSpec | None, mark: Step
-    ) -> None:
+    def _decommission(self, org: str, spec: OrgSpec | None, mark: Step) -> None:
         mark("source")
         if spec is not None:
             self._drop_source(org, spec)
@@ -245,7 +242,10 @@ class Provisioner:
         finally:
             admin.close()
         mark("staging")
-        with conn.transaction():
+        with (
+            psycopg.connect(self.servers.dsn_for(org), autocommit=True) as conn,
+            conn.transaction(),
+        ):
             conn.execute(
                 sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(org_schema(org)))
             )
@@ -253,6 +253,8 @@ class Provisioner:
             conn.execute("DELETE FROM fieldsync_control.orgs WHERE org = %s", (org,))
         mark("snapshots")
         _delete_snapshots(self.settings, org)
+        mark("placement")
+        self.servers.forget(org)
 
     def _drop_source(self, org: str, spec: OrgSpec) -> None:
         """Slot, publication and capture state on the source (the slot may be busy for a

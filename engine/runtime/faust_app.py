@@ -12,7 +12,9 @@ from engine.config import Settings
 def faust_app(settings: Settings, group: str, bootstrap_servers: str, **extra: Any) -> faust.App:
     """Raw bytes in and out, no tables, no web server, topics never declared by faust (they are
     created by FieldSync with their own settings), reads from the start of a new group, and the
-    configured rebalance timings (short ones with the embedded broker)."""
+    configured rebalance timings (short ones with the embedded broker). faust's own data
+    directory goes under the data directory, not the working directory."""
+    (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)
     return faust.App(
         group,
         broker=";".join(f"kafka://{server}" for server in bootstrap_servers.split(",")),
@@ -23,6 +25,7 @@ def faust_app(settings: Settings, group: str, bootstrap_servers: str, **extra: A
         topic_disable_leader=True,
         topic_allow_declare=False,
         consumer_auto_offset_reset="earliest",
+        datadir=str(settings.data_dir / "faust" / group),
         broker_rebalance_timeout=settings.broker_rebalance_timeout_s,
         broker_session_timeout=settings.broker_session_timeout_s,
         broker_heartbeat_interval=settings.broker_heartbeat_interval_s,

@@ -43,14 +43,16 @@ def _size(count: int) -> str:
 def build(org: OrgOption, entity: EntityOption = None) -> None:
     """Snapshot an org's entities at their current watermark; prune to FIELDSYNC_SNAPSHOT_KEEP."""
     from engine.runtime.endpoints import resolve_endpoints
+    from engine.runtime.placement import StagingServers
     from engine.snapshots.build import build_snapshot, staging_entities
     from engine.snapshots.store import default_store
 
     settings = get_settings()
     try:
         endpoints = resolve_endpoints(settings)
+        dsn = StagingServers.from_settings(settings, endpoints.staging_dsn).dsn_for(org)
         store = default_store(settings)
-        targets = [(org, entity)] if entity else staging_entities(endpoints.staging_dsn, org)
+        targets = [(org, entity)] if entity else staging_entities(dsn, org)
         if not targets:
             raise ConfigError(f"org {org} has no staging entities yet")
         table = Table(title=f"snapshots of {org} in {store.root}")
@@ -58,7 +60,7 @@ def build(org: OrgOption, entity: EntityOption = None) -> None:
             table.add_column(column)
         for name, target in targets:
             result = build_snapshot(
-                endpoints.staging_dsn,
+                dsn,
                 name,
                 target,
                 store,
@@ -94,6 +96,7 @@ def schedule(
     import logging
 
     from engine.runtime.endpoints import resolve_endpoints
+    from engine.runtime.placement import StagingServers
     from engine.snapshots.schedule import run_schedule
     from engine.snapshots.store import default_store
 
@@ -115,7 +118,7 @@ def schedule(
     store = default_store(settings)
     console.print(f"snapshots every {period:g}s into {store.root}; Ctrl-C stops")
     built = run_schedule(
-        endpoints.staging_dsn,
+        list(StagingServers.from_settings(settings, endpoints.staging_dsn).servers.values()),
         store,
         period,
         group=settings.projector_group,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 
 import psycopg
 
@@ -46,7 +47,7 @@ def snapshot_round(
 
 
 def run_schedule(
-    dsn: str,
+    dsns: Sequence[str],
     store: SnapshotStore,
     interval_s: float,
     *,
@@ -57,18 +58,19 @@ def run_schedule(
     stop: threading.Event | None = None,
     rounds: int | None = None,
 ) -> int:
-    """Run rounds every ``interval_s`` until ``stop`` is set (or ``rounds`` ran); returns the
-    number of snapshots built."""
+    """Run rounds over every staging server (``dsns``) every ``interval_s`` until ``stop`` is
+    set (or ``rounds`` ran); returns the number of snapshots built."""
     stop = stop or threading.Event()
     built = done = 0
     while not stop.is_set() and (rounds is None or done < rounds):
-        try:
-            results = snapshot_round(
-                dsn, store, group=group, keep=keep, bootstrap_servers=bootstrap_servers, org=org
-            )
-        except psycopg.OperationalError as error:  # staging down: try again next round
-            log.warning("snapshot round skipped: %s", error)
-            results = []
+        results = []
+        for dsn in dsns:
+            try:
+                results += snapshot_round(
+                    dsn, store, group=group, keep=keep, bootstrap_servers=bootstrap_servers, org=org
+                )
+            except psycopg.OperationalError as error:  # server down: try again next round
+                log.warning("snapshot round skipped on a staging server: %s", error)
         fresh = [r for r in results if r.built]
         built += len(fresh)
         log.info("snapshot round: %d built, %d unchanged", len(fresh), len(results) - len(fresh))
