@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo up bench lint typecheck clean
+.PHONY: install test chaos demo up bench lint typecheck clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,11 @@ install: $(STAMP)
 
 ## make test: the whole suite against a real embedded PostgreSQL and broker started by the session
 test: $(STAMP)
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not chaos" $(PYTEST_ARGS)
+
+## make chaos: the long fault-injection scenarios of the reliability suite (docs/reliability.md)
+chaos: $(STAMP)
+	$(BIN)/pytest -m chaos $(PYTEST_ARGS)
 
 ## make demo: embedded services, sample CRM source, capture, and what landed on which topic
 demo: $(STAMP)
