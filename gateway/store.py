@@ -13,12 +13,14 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import orjson
 import psycopg
+from psycopg import sql
 from psycopg_pool import ConnectionPool
 
+from engine.logs import current
 from engine.projections.projector import COUNTS_DDL
 from engine.runtime.placement import MAIN, PLACEMENT_DDL, StagingServers
 from gateway.access import OfflineConfig, parse_config, validate_config
@@ -103,6 +105,27 @@ def bump_epoch(conn: psycopg.Connection[Any], org: str) -> str:
     return epoch
 
 
+class RequestTaggedCursor(psycopg.Cursor[Any]):
+    """Statements run while serving a request start with ``/* request_id=… */``, so the
+    PostgreSQL log and ``pg_stat_activity`` name the request (ids are checked by the
+    middleware to be ``[A-Za-z0-9._:-]``)."""
+
+    def execute(
+        self,
+        query: Any,
+        params: Any = None,
+        *,
+        prepare: bool | None = None,
+        binary: bool | None = None,
+    ) -> Self:
+        request_id = current("request_id")
+        if request_id is not None:
+            comment = sql.SQL(f"/* request_id={request_id} */ ")
+            body = sql.SQL(query) if isinstance(query, str) else query
+            query = sql.Composed([comment, body]) if not isinstance(query, bytes) else query
+        return super().execute(query, params, prepare=prepare, binary=binary)
+
+
 class StagingPools:
     """One connection pool per staging server; an org's reads go to the server it is placed on.
 
@@ -115,7 +138,11 @@ class StagingPools:
         self.servers = servers
         self.pools: dict[str, ConnectionPool[Any]] = {
             name: ConnectionPool(
-                dsn, min_size=1, max_size=max_size, open=False, kwargs={"autocommit": True}
+                dsn,
+                min_size=1,
+                max_size=max_size,
+                open=False,
+                kwargs={"autocommit": True, "cursor_factory": RequestTaggedCursor},
             )
             for name, dsn in servers.servers.items()
         }

@@ -29,6 +29,7 @@ import psycopg
 from kafka.admin import KafkaAdminClient
 
 from engine.config import Settings
+from engine.logs import logging_config
 from engine.projections.decoding import EventDecoder, TopicRouter
 from engine.projections.exceptions import SchemaUnavailable
 from engine.projections.metrics import METRICS
@@ -308,7 +309,12 @@ def run_worker(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> 
         from prometheus_client import start_http_server
 
         start_http_server(settings.projector_metrics_port, addr="127.0.0.1")
-    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
+    worker = faust.Worker(
+        app,
+        loglevel=settings.log_level.lower(),
+        quiet=True,
+        logging_config=logging_config(settings, "projector", stream="stdout"),
+    )
     worker.execute_from_commandline()
 
 

@@ -1103,12 +1103,13 @@ def replay_command(
     """Rebuild an org's staging from its change topics, then swap it in: devices re-bootstrap."""
     from rich.table import Table
 
-    from engine.cli import _configure_logging, _fail, _settings, console
+    from engine.cli import _fail, _settings, console
+    from engine.logs import configure_logging
     from engine.runtime.endpoints import resolve_endpoints
 
     try:
         settings = _settings()
-        _configure_logging(settings)
+        configure_logging(settings)
         endpoints = resolve_endpoints(settings)
         report = replay(
             settings,

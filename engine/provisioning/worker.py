@@ -25,6 +25,7 @@ from kafka import KafkaProducer
 
 from engine.config import Settings
 from engine.exceptions import FieldSyncError
+from engine.logs import logging_config
 from engine.provisioning.commands import PROVISIONING_TOPIC, Command, CommandError
 from engine.provisioning.lifecycle import (
     OrgLifecycle,
@@ -232,7 +233,12 @@ def run_worker(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> 
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     app = build_app(settings, bootstrap_servers, staging_dsn)
-    faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True).execute_from_commandline()
+    faust.Worker(
+        app,
+        loglevel=settings.log_level.lower(),
+        quiet=True,
+        logging_config=logging_config(settings, "provisioner", stream="stdout"),
+    ).execute_from_commandline()
 
 
 __all__ = ["CaptureFleet", "build_app", "ensure_provisioning_topic", "publish", "run_worker"]

@@ -93,18 +93,14 @@ def schedule(
     ] = None,
 ) -> None:
     """Build snapshots of every staging entity on a schedule, until SIGINT/SIGTERM."""
-    import logging
-
+    from engine.logs import configure_logging
     from engine.runtime.endpoints import resolve_endpoints
     from engine.runtime.placement import StagingServers
     from engine.snapshots.schedule import run_schedule
     from engine.snapshots.store import default_store
 
     settings = get_settings()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    configure_logging(settings, "snapshots", stream="stdout")
     period = interval or settings.snapshot_interval_s
     try:
         if period is None:

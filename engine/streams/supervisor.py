@@ -16,6 +16,7 @@ import psycopg
 
 from engine.config import Settings
 from engine.exceptions import FieldSyncError
+from engine.logs import log_context
 from engine.streams.capture import CaptureTask
 from engine.streams.spec import CaptureSpec
 
@@ -39,6 +40,17 @@ async def supervise(
     status: OrgStatus,
 ) -> None:
     """Keep one org's capture running until ``stop``; park it on a non-retryable error."""
+    with log_context(org=spec.org):  # this task's records (and its children's) name the org
+        await _supervise(spec, settings, bootstrap_servers, stop, status)
+
+
+async def _supervise(
+    spec: CaptureSpec,
+    settings: Settings,
+    bootstrap_servers: str,
+    stop: asyncio.Event,
+    status: OrgStatus,
+) -> None:
     pause = 0.5
     while not stop.is_set():
         task = CaptureTask(spec, settings, bootstrap_servers)
