@@ -7,12 +7,13 @@ Left unset, the broker and staging settings mean "use the embedded runtime" (``f
 
 from __future__ import annotations
 
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.exceptions import ConfigError
@@ -49,6 +50,23 @@ class Settings(BaseSettings):
         description="Confluent-compatible schema registry; set = Confluent wire format, "
         "unset = Avro single-object encoding with schemas on the schema topic.",
     )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT", description="How every Kafka client connects to the brokers."
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        default="SCRAM-SHA-512", description="SASL mechanism (with SASL_* protocols)."
+    )
+    kafka_sasl_username: str | None = Field(default=None, description="SASL user.")
+    kafka_sasl_password: SecretStr | None = Field(
+        default=None, description="SASL password (or from a file: FIELDSYNC_SECRETS_DIR)."
+    )
+    kafka_ssl_cafile: Path | None = Field(
+        default=None, description="CA bundle that signs the brokers' certificates (SSL)."
+    )
+    kafka_ssl_certfile: Path | None = Field(
+        default=None, description="Client certificate for mutual TLS (with the key file)."
+    )
+    kafka_ssl_keyfile: Path | None = Field(default=None, description="Client private key.")
     producer_idempotence: bool | None = Field(
         default=None,
         description="Idempotent producer; unset = on for an external broker, off for the "
@@ -85,6 +103,22 @@ class Settings(BaseSettings):
         default=True, description="Run the projector worker on uvloop (about 30% more events/s)."
     )
     projector_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    projector_breaker_ratio: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Error-rate breaker: when more than this share of an org's latest events "
+        "fail (would be dead-lettered), the projector stops the org (error_rate_exceeded) "
+        "instead; 1 turns the breaker off.",
+    )
+    projector_breaker_window: int = Field(
+        default=1000, ge=1, description="Events per org (the latest) the breaker measures."
+    )
+    projector_breaker_min_events: int = Field(
+        default=100,
+        ge=1,
+        description="Events an org's window must hold before the breaker may stop it.",
+    )
     broker_rebalance_timeout_s: float = Field(
         default=60.0,
         gt=0,
@@ -206,6 +240,25 @@ class Settings(BaseSettings):
     def _blank_gateway_is_unset(cls, value: str | None) -> str | None:
         return value or None
 
+    @model_validator(mode="after")
+    def _kafka_security(self) -> Settings:
+        if self.kafka_security_protocol.startswith("SASL_") and not (
+            self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            raise ValueError(
+                f"FIELDSYNC_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                "FIELDSYNC_KAFKA_SASL_USERNAME and FIELDSYNC_KAFKA_SASL_PASSWORD"
+            )
+        if (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
+            raise ValueError(
+                "FIELDSYNC_KAFKA_SSL_CERTFILE and FIELDSYNC_KAFKA_SSL_KEYFILE go together"
+            )
+        for name in ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{ENV_PREFIX}{name.upper()}: no such file {path}")
+        return self
+
     @property
     def uses_embedded_broker(self) -> bool:
         return self.bootstrap_servers is None
@@ -224,15 +277,24 @@ class Settings(BaseSettings):
 def _describe(error: ValidationError) -> str:
     lines = []
     for problem in error.errors():
+        if not problem["loc"]:  # a check across settings: its message names them
+            lines.append(str(problem["msg"]).removeprefix("Value error, "))
+            continue
         name = ENV_PREFIX + "_".join(str(p) for p in problem["loc"]).upper()
         lines.append(f"{name}: {problem['msg']} (got {problem.get('input')!r})")
     return "; ".join(lines)
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Build the settings once; a bad value raises :class:`ConfigError` naming the variable."""
+    """Build the settings once; a bad value raises :class:`ConfigError` naming the variable.
+
+    ``FIELDSYNC_SECRETS_DIR`` names a directory of secret files (Docker/Kubernetes secrets): a
+    file named after a variable, e.g. ``fieldsync_staging_dsn``, provides its value."""
+    secrets_dir = os.environ.get(f"{ENV_PREFIX}SECRETS_DIR")
+    if secrets_dir and not Path(secrets_dir).is_dir():
+        raise ConfigError(f"{ENV_PREFIX}SECRETS_DIR: no such directory {secrets_dir}")
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return Settings(_secrets_dir=secrets_dir, **overrides)  # type: ignore[arg-type,call-arg]
     except ValidationError as error:
         raise ConfigError(f"invalid configuration: {_describe(error)}") from None
 

@@ -10,6 +10,7 @@ from kafka.admin import KafkaAdminClient
 from rich.console import Console
 from rich.table import Table
 
+from engine.runtime.kafka import client_options
 from engine.streams.reader import read_all, read_changes
 
 
@@ -42,7 +43,7 @@ def topic_summary(bootstrap_servers: str, topics: list[str]) -> dict[str, Counte
 
 
 def _fieldsync_topics(bootstrap_servers: str) -> list[str]:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    admin = KafkaAdminClient(**client_options(), bootstrap_servers=bootstrap_servers)
     try:
         return sorted(t for t in admin.list_topics() if t.startswith("fieldsync."))
     finally:

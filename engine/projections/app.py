@@ -36,6 +36,7 @@ from engine.projections.metrics import METRICS
 from engine.projections.projector import COUNTS_DDL, DeadLetter, Projector, RawMessage
 from engine.projections.retention import purge_all
 from engine.runtime.faust_app import faust_app
+from engine.runtime.kafka import client_options
 from engine.runtime.placement import StagingServers
 from engine.streams.framing import (
     SCHEMA_TOPIC,
@@ -55,7 +56,9 @@ NOT_ENTITIES = {"transaction", "dlq", "heartbeat"}
 def change_topics(bootstrap_servers: str, extra: Sequence[str] = ()) -> list[str]:
     """Every FieldSync change topic on the broker, plus mapped Debezium topics that exist."""
     admin = KafkaAdminClient(
-        bootstrap_servers=bootstrap_servers, client_id="fieldsync-projector-admin"
+        **client_options(),
+        bootstrap_servers=bootstrap_servers,
+        client_id="fieldsync-projector-admin",
     )
     try:
         existing = set(admin.list_topics())

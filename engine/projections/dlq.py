@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from engine.runtime.kafka import client_options
 from engine.streams.reader import read_all
 
 DLQ_HEADER_PREFIX = "fieldsync.dlq."
@@ -59,12 +60,13 @@ def replay(bootstrap_servers: str, topic: str, *, timeout_s: float = 5.0) -> int
     the flush and the commit replays those letters again: the projector skips them as duplicates.
     """
     consumer = KafkaConsumer(
+        **client_options(),
         bootstrap_servers=bootstrap_servers,
         group_id=REPLAY_GROUP,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
     )
-    producer = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all")
+    producer = KafkaProducer(**client_options(), bootstrap_servers=bootstrap_servers, acks="all")
     try:
         partitions = [
             TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())

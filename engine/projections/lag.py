@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
+from engine.runtime.kafka import client_options
 from engine.snapshots.build import committed_offsets
 
 
@@ -16,7 +17,9 @@ def projector_lag(bootstrap_servers: str, group: str, topics: Sequence[str]) -> 
     committed = committed_offsets(bootstrap_servers, group, topics).offsets
     try:
         consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap_servers.split(","), enable_auto_commit=False
+            **client_options(),
+            bootstrap_servers=bootstrap_servers.split(","),
+            enable_auto_commit=False,
         )
     except KafkaError:
         return {}

@@ -126,6 +126,7 @@ from engine.projections.model import (
     Tombstone,
 )
 from engine.projections.staging import CHANGES_CHANNEL, ApplyResult, Staging, org_schema
+from engine.runtime.kafka import client_options
 from engine.runtime.placement import StagingServers
 
 if TYPE_CHECKING:  # the command's module is imported by every fieldsync invocation: stay light
@@ -213,6 +214,7 @@ class TopicReader:
         from aiokafka import AIOKafkaConsumer
 
         self._consumer = AIOKafkaConsumer(
+            **client_options(),
             bootstrap_servers=self._bootstrap,
             group_id=None,
             enable_auto_commit=False,

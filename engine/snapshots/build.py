@@ -130,7 +130,10 @@ def committed_offsets(
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
+    from engine.runtime.kafka import client_options
+
     config: dict[str, Any] = {
+        **client_options(),
         "bootstrap_servers": bootstrap_servers.split(","),
         "client_id": "fieldsync-snapshot",
     }

@@ -37,6 +37,7 @@ from psycopg import sql
 from psycopg.types.string import TextLoader
 
 from engine.config import Settings
+from engine.runtime.kafka import client_options
 from engine.streams import pgoutput
 from engine.streams.events import EntityEncoder, EventEncoder, SourcePosition
 from engine.streams.framing import (
@@ -256,6 +257,7 @@ class CaptureTask:
         if not marks:
             return None
         consumer = KafkaConsumer(
+            **client_options(),
             bootstrap_servers=self.bootstrap_servers,
             client_id=f"fieldsync-capture-check-{self.spec.org}",
             enable_auto_commit=False,

@@ -22,6 +22,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
 
+from engine.runtime.kafka import client_options
 from engine.streams.exceptions import CaptureError
 
 Headers = Sequence[tuple[str, bytes]]
@@ -47,6 +48,7 @@ class ChangeProducer:
         client_id: str,
     ) -> None:
         self._options: dict[str, Any] = {
+            **client_options(),
             "bootstrap_servers": bootstrap_servers,
             "acks": "all",
             "enable_idempotence": idempotent,

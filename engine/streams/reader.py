@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 from kafka import KafkaConsumer, TopicPartition
 
+from engine.runtime.kafka import client_options
 from engine.streams.framing import SCHEMA_TOPIC, FingerprintResolver, decode_payload
 
 
@@ -29,7 +30,9 @@ def read_all(
     bootstrap_servers: str, topic: str
 ) -> list[tuple[int, int, bytes | None, bytes | None, tuple[tuple[str, bytes], ...]]]:
     """Every message currently on ``topic``: (partition, offset, key, value, headers)."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False)
+    consumer = KafkaConsumer(
+        **client_options(), bootstrap_servers=bootstrap_servers, enable_auto_commit=False
+    )
     try:
         partitions = consumer.partitions_for_topic(topic) or set()
         assignment = [TopicPartition(topic, p) for p in sorted(partitions)]

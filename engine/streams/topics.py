@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
+from engine.runtime.kafka import client_options
 from engine.streams.framing import SCHEMA_TOPIC
 from engine.streams.schemas import TOPIC_PREFIX
 
@@ -29,7 +30,7 @@ class TopicAdmin:
 
     def __init__(self, bootstrap_servers: str, *, partitions: int, replication_factor: int) -> None:
         self._admin = KafkaAdminClient(
-            bootstrap_servers=bootstrap_servers, client_id="fieldsync-admin"
+            **client_options(), bootstrap_servers=bootstrap_servers, client_id="fieldsync-admin"
         )
         self.partitions = partitions
         self.replication_factor = replication_factor
