@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -81,7 +81,7 @@ class UserAccess(BaseModel):
 
 class OfflineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    entities: dict[str, EntityAccess] = Field(default_factory=dict)
+    entities: dict[Annotated[str, Field(pattern=IDENT)], EntityAccess] = Field(default_factory=dict)
     roles: dict[str, Role] = Field(default_factory=dict)
     profiles: dict[str, Profile] = Field(default_factory=dict)
     users: dict[str, UserAccess] = Field(default_factory=dict)

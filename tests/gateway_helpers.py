@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -132,7 +132,13 @@ def settings_for(tmp: Any, **overrides: Any) -> Settings:
 def running_gateway(
     settings: Settings, dsn: str, clock: Callable[[], float] = time.time
 ) -> Iterator[str]:
-    """A real uvicorn server on a free loopback port; yields its base URL."""
+    """A real uvicorn server on a free loopback port; yields its base URL. The admin API and
+    ``/metrics`` are served unless ``settings`` set ``gateway_admin_enabled`` /
+    ``gateway_metrics_enabled`` themselves."""
+    switches = ("gateway_admin_enabled", "gateway_metrics_enabled")
+    settings = settings.model_copy(
+        update={name: True for name in switches if name not in settings.model_fields_set}
+    )
     port = free_port()
     config = uvicorn.Config(
         create_app(settings, dsn, clock=clock),
@@ -228,6 +234,86 @@ OFFLINE: Mapping[str, Any] = {
 }
 
 
+def with_window(days: int) -> dict[str, Any]:
+    """OFFLINE with the technicians' job window set to ``days``."""
+    import copy
+
+    document = copy.deepcopy(dict(OFFLINE))
+    for condition in document["profiles"]["field"]["items"][0]["filter"]["and"]:
+        if condition["op"] == "last_days":
+            condition["value"] = days
+    return document
+
+
 def configure(dsn: str, org: str, document: Mapping[str, Any] = OFFLINE) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         put_config(conn, org, dict(document))
+
+
+# -- the oracle: who sees what, computed in Python from the source rows -------------------------
+
+USERS = {  # user → (roles, teams)
+    "u1": (["technician"], []),
+    "u2": (["technician"], []),
+    "d1": (["dispatcher"], ["team-a"]),
+}
+
+
+class Clock:
+    """The gateway's clock for time windows, moved by the tests."""
+
+    def __init__(self) -> None:
+        self.now = T0.timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def json_value(value: Any) -> Any:
+    """A source value as the gateway sends it (after ``to_sqlite``)."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    return value
+
+
+def view_of(
+    world: World,
+    user: str,
+    roles: Sequence[str],
+    teams: Sequence[str],
+    now: float,
+    window_days: int = 7,
+) -> dict[str, dict[int, dict[str, Any]]]:
+    """What ``user`` with ``roles`` and ``teams`` may see under :data:`OFFLINE` (with the
+    technicians' window ``window_days``), computed from the source rows independently of SQL.
+    Roles add up: a row is visible if any role's rule admits it."""
+    jobs, accounts = world.rows["job"], world.rows["account"]
+    seen_jobs: dict[int, dict[str, Any]] = {}
+    seen_accounts: dict[int, dict[str, Any]] = {}
+    if "technician" in roles:
+        since = datetime.fromtimestamp(now, UTC) - timedelta(days=window_days)
+        own = {
+            k: r
+            for k, r in jobs.items()
+            if r["owner_id"] == user and r["status"] != "closed" and r["due"] >= since
+        }
+        seen_jobs |= own
+        referenced = {r["account_id"] for r in own.values()}
+        seen_accounts |= {k: r for k, r in accounts.items() if k in referenced}
+    if "dispatcher" in roles:
+        seen_jobs |= {k: r for k, r in jobs.items() if r["owner_id"] in teams}
+        seen_accounts |= accounts
+    return {
+        "job": {k: {c: json_value(v) for c, v in r.items()} for k, r in seen_jobs.items()},
+        "account": {k: dict(r) for k, r in seen_accounts.items()},
+    }
+
+
+def view(
+    world: World, user: str, now: float, window_days: int = 7
+) -> dict[str, dict[int, dict[str, Any]]]:
+    """What ``user`` of :data:`USERS` may see."""
+    roles, teams = USERS[user]
+    return view_of(world, user, roles, teams, now, window_days)

@@ -7,7 +7,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -23,32 +22,20 @@ from device.store import LocalStore, parse_row, to_sqlite
 from gateway.store import bump_epoch
 from tests.gateway_helpers import (
     OFFLINE,
-    T0,
     TOKEN_SECRET,
+    USERS,
+    Clock,
     World,
     configure,
     job,
     mint,
     running_gateway,
     settings_for,
+    view,
+    with_window,
 )
 
-USERS = {  # user → (roles, teams)
-    "u1": (["technician"], []),
-    "u2": (["technician"], []),
-    "d1": (["dispatcher"], ["team-a"]),
-}
 OWNERS = ["u1", "u2", "team-a", "team-b"]
-
-
-class Clock:
-    """The gateway's clock for time windows, moved by the tests."""
-
-    def __init__(self) -> None:
-        self.now = T0.timestamp()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture()
@@ -82,38 +69,6 @@ def device(url: str, world: World, user: str, path: Path, **options: Any) -> Dev
 
 
 # -- the oracle ------------------------------------------------------------------------------
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.astimezone(UTC).isoformat()
-    if isinstance(value, Decimal):
-        return str(value)
-    return value
-
-
-def view(
-    world: World, user: str, now: float, window_days: int = 7
-) -> dict[str, dict[int, dict[str, Any]]]:
-    """What ``user`` may see, computed from the source rows in Python (independent of SQL)."""
-    roles, teams = USERS[user]
-    jobs, accounts = world.rows["job"], world.rows["account"]
-    if "technician" in roles:
-        since = datetime.fromtimestamp(now, UTC) - timedelta(days=window_days)
-        seen_jobs = {
-            k: r
-            for k, r in jobs.items()
-            if r["owner_id"] == user and r["status"] != "closed" and r["due"] >= since
-        }
-        referenced = {r["account_id"] for r in seen_jobs.values()}
-        seen_accounts = {k: r for k, r in accounts.items() if k in referenced}
-    else:
-        seen_jobs = {k: r for k, r in jobs.items() if r["owner_id"] in teams}
-        seen_accounts = dict(accounts)
-    return {
-        "job": {k: {c: _json_value(v) for c, v in r.items()} for k, r in seen_jobs.items()},
-        "account": {k: dict(r) for k, r in seen_accounts.items()},
-    }
 
 
 def local(store: LocalStore) -> dict[str, dict[int, dict[str, Any]]]:
@@ -172,17 +127,6 @@ operation = st.one_of(
     st.tuples(st.just("sync"), st.sampled_from(sorted(USERS))),
     st.tuples(st.just("window"), st.sampled_from([3, 7])),  # the technicians' profile changes
 )
-
-
-def with_window(days: int) -> dict[str, Any]:
-    """OFFLINE with the technicians' job window set to ``days``."""
-    import copy
-
-    document = copy.deepcopy(dict(OFFLINE))
-    for condition in document["profiles"]["field"]["items"][0]["filter"]["and"]:
-        if condition["op"] == "last_days":
-            condition["value"] = days
-    return document
 
 
 @settings(
