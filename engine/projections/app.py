@@ -11,18 +11,24 @@ topics at run time is not reliable, so a timer lists the broker's topics every
 ``FIELDSYNC_PROJECTOR_TOPIC_REFRESH_S`` seconds; when change topics appeared, the worker
 re-executes itself with the wider subscription. That is safe by construction — state lives
 in staging and offsets, a restart is just a redelivery — and costs one rebalance.
+
+Stops. The topics of a stopped org or entity (``fieldsync_control.stopped``, see
+:mod:`engine.projections.stops`) are left out of the subscription, so their committed offsets
+stay put. The worker that records a stop re-executes at once, without acknowledging the batch;
+the others notice the stop at their next refresh, as they notice a ``fieldsync org resume``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import faust
 import psycopg
@@ -35,6 +41,14 @@ from engine.projections.exceptions import SchemaUnavailable
 from engine.projections.metrics import METRICS
 from engine.projections.projector import COUNTS_DDL, DeadLetter, Projector, RawMessage
 from engine.projections.retention import purge_all
+from engine.projections.stops import (
+    Breaker,
+    ProjectionStopped,
+    Stop,
+    read_breaker_pauses,
+    read_stops,
+    stopped_route,
+)
 from engine.runtime.faust_app import faust_app
 from engine.runtime.kafka import client_options
 from engine.runtime.placement import StagingServers
@@ -43,8 +57,9 @@ from engine.streams.framing import (
     ConfluentRegistry,
     ConfluentResolver,
     FingerprintResolver,
+    FramingError,
+    schema_fingerprint,
 )
-from engine.streams.reader import read_all
 from engine.streams.topics import TopicAdmin
 
 log = logging.getLogger("fieldsync.projector")
@@ -86,6 +101,8 @@ class OrgRegistry:
         self._servers = servers
         self.placement: dict[str, str] = {}
         self.debezium_topics: dict[str, tuple[str, str]] = {}
+        self.stops: list[Stop] = []
+        self.breaker_pauses: dict[str, float] = {}  # org → monotonic deadline
 
     @property
     def orgs(self) -> set[str]:
@@ -94,17 +111,39 @@ class OrgRegistry:
     def refresh(self) -> None:
         placement: dict[str, str] = {}
         topics: dict[str, tuple[str, str]] = {}
+        stops: list[Stop] = []
+        pauses: dict[str, float] = {}
         for server, dsn in self._servers.servers.items():
             with psycopg.connect(dsn) as conn:
                 conn.execute(COUNTS_DDL)
                 rows = conn.execute(
                     "SELECT org, debezium_topics FROM fieldsync_control.orgs"
                 ).fetchall()
+                stops += read_stops(conn)
+                pauses.update(read_breaker_pauses(conn))
             for org, mapping in rows:
                 placement.setdefault(org, server)
                 topics.update({topic: (org, entity) for topic, entity in (mapping or {}).items()})
         self.placement = placement
         self.debezium_topics = topics
+        self.stops = stops
+        self.breaker_pauses = pauses
+
+    def breaker_paused(self, org: str) -> bool:
+        until = self.breaker_pauses.get(org)
+        return until is not None and until > time.monotonic()
+
+    def consumable(self, topics: Sequence[str]) -> tuple[list[str], list[str]]:
+        """(topics to consume, topics held back because their org or entity is stopped)."""
+        router = TopicRouter(self.debezium_topics)
+        keep: list[str] = []
+        held: list[str] = []
+        for topic in topics:
+            (held if stopped_route(self.stops, router.route(topic)) else keep).append(topic)
+        return keep, held
+
+    def wanted_topics(self, bootstrap_servers: str) -> tuple[list[str], list[str]]:
+        return self.consumable(change_topics(bootstrap_servers, list(self.debezium_topics)))
 
 
 def register_org(
@@ -134,12 +173,18 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
     servers = StagingServers.from_settings(settings, staging_dsn)
     registry = OrgRegistry(servers)
     registry.refresh()
-    subscribed = change_topics(bootstrap_servers, list(registry.debezium_topics))
+    subscribed, held = registry.wanted_topics(bootstrap_servers)
+    for stop in registry.stops:
+        log.warning("%s; not consumed until `fieldsync org resume`", stop.describe())
     while not subscribed:  # a worker may start before the first org is provisioned
-        log.info("no change topics on the broker yet; waiting for an org to be provisioned")
+        log.info(
+            "no change topics to consume (%s stopped); waiting for an org to be provisioned"
+            " or resumed",
+            len(held),
+        )
         time.sleep(settings.projector_topic_refresh_s)
         registry.refresh()
-        subscribed = change_topics(bootstrap_servers, list(registry.debezium_topics))
+        subscribed, held = registry.wanted_topics(bootstrap_servers)
     app = faust_app(
         settings,
         settings.projector_group,
@@ -152,7 +197,8 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
     )
     channel = app.topic(*subscribed, key_serializer="raw", value_serializer="raw", acks=True)
     dead_topics: dict[str, faust.TopicT] = {}
-    known_schemas = FingerprintResolver(fetch_missing=lambda: _schemas_since(bootstrap_servers))
+    schema_tail = SchemaTail(bootstrap_servers)
+    known_schemas = FingerprintResolver(fetch_missing=schema_tail.fetch)
     confluent = (
         ConfluentResolver(ConfluentRegistry(settings.schema_registry_url))
         if settings.schema_registry_url
@@ -185,7 +231,19 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
         for future in futures:
             await future
 
-    projector = Projector(servers, decoder, router, lambda: registry.placement, send_dead_letters)
+    projector = Projector(
+        servers,
+        decoder,
+        router,
+        lambda: registry.placement,
+        send_dead_letters,
+        breaker=Breaker(
+            settings.projector_breaker_ratio,
+            settings.projector_breaker_window,
+            settings.projector_breaker_min_events,
+        ),
+        breaker_paused=registry.breaker_paused,
+    )
 
     @app.agent(channel, concurrency=1)
     async def project(stream: faust.StreamT[Any]) -> None:
@@ -204,6 +262,7 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
                 )
                 for e in events
             ]
+            schema_tail.mark_batch()
             report = await _handle_until_done(projector, messages)
             log.debug(
                 "batch of %d: applied %d, skipped %d, dead-lettered %d",
@@ -217,13 +276,17 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
     @app.timer(settings.projector_topic_refresh_s)  # type: ignore[untyped-decorator]
     async def refresh_topics() -> None:
         await asyncio.to_thread(registry.refresh)
-        current = await asyncio.to_thread(
-            change_topics, bootstrap_servers, list(registry.debezium_topics)
-        )
+        current, now_held = await asyncio.to_thread(registry.wanted_topics, bootstrap_servers)
         new = sorted(set(current) - set(subscribed))
-        gone = sorted(set(subscribed) - set(current))  # an entity or org was removed
+        gone = sorted(set(subscribed) - set(current))  # removed, or its org/entity stopped
         if new or gone:
-            log.info("change topics added %s, removed %s: restarting the worker", new, gone)
+            log.info(
+                "change topics added %s, removed %s (held back as stopped: %s):"
+                " restarting the worker",
+                new,
+                gone,
+                now_held,
+            )
             _reexec()
         _update_lag(app)
 
@@ -246,6 +309,13 @@ async def _handle_until_done(projector: Projector, messages: list[RawMessage]) -
     while True:
         try:
             return await projector.handle(messages)
+        except ProjectionStopped as stopped:
+            log.error(
+                "%s; restarting the worker without the stopped topics (the batch is not"
+                " acknowledged)",
+                stopped.args[0],
+            )
+            _reexec()
         except (psycopg.OperationalError, SchemaUnavailable) as error:
             log.warning("batch not applied (%s); retrying in %.1fs", error, pause)
             await asyncio.sleep(pause)
@@ -269,7 +339,7 @@ def _update_lag(app: faust.App) -> None:
             )
 
 
-def _reexec() -> None:
+def _reexec() -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, *sys.argv])  # noqa: S606 - the same command, again
@@ -285,20 +355,77 @@ def _ensure_topic(bootstrap_servers: str, topic: str, settings: Settings) -> Non
         admin.close()
 
 
-async def _schemas_since(bootstrap_servers: str) -> dict[bytes, dict[str, Any]]:
-    """Schemas published on the schema topic (read whole; it is small and compacted)."""
-    import orjson
+class SchemaTail:
+    """The schema topic, read incrementally: each :meth:`fetch` returns the schemas published
+    since the previous one (the first: all of them).
 
-    from engine.streams.framing import schema_fingerprint
+    A message's writer schema is published before the message, so a fetch started after the
+    message was consumed finds it, or it will never be found. Every message of a batch was
+    consumed before the batch was handed over: one fetch per batch (:meth:`mark_batch`)
+    settles every unknown fingerprint in it, and a batch full of them costs one round trip,
+    not one per message.
+    """
 
-    found: dict[bytes, dict[str, Any]] = {}
-    for _p, _o, _key, value, _h in await asyncio.to_thread(
-        read_all, bootstrap_servers, SCHEMA_TOPIC
-    ):
-        if value is not None:
-            schema = orjson.loads(value)
-            found[schema_fingerprint(schema)] = schema
-    return found
+    def __init__(self, bootstrap_servers: str) -> None:
+        self._bootstrap = bootstrap_servers
+        self._consumer: Any = None
+        self._fetched_this_batch = False
+
+    def mark_batch(self) -> None:
+        self._fetched_this_batch = False
+
+    async def fetch(self) -> dict[bytes, dict[str, Any]]:
+        if self._fetched_this_batch:
+            return {}
+        try:
+            found = await asyncio.to_thread(self._read_tail)
+        except Exception as error:  # kafka-python raises its own errors, and OSError
+            self.close()
+            raise FramingError(f"reading {SCHEMA_TOPIC}: {error}", retryable=True) from error
+        self._fetched_this_batch = True
+        return found
+
+    def _read_tail(self) -> dict[bytes, dict[str, Any]]:
+        import orjson
+        from kafka import KafkaConsumer, TopicPartition
+
+        if self._consumer is None:
+            consumer = KafkaConsumer(
+                **client_options(),
+                bootstrap_servers=self._bootstrap,
+                enable_auto_commit=False,
+                client_id="fieldsync-projector-schemas",
+            )
+            partitions = consumer.partitions_for_topic(SCHEMA_TOPIC) or set()
+            if not partitions:
+                consumer.close()
+                return {}
+            assignment = [TopicPartition(SCHEMA_TOPIC, p) for p in sorted(partitions)]
+            consumer.assign(assignment)
+            consumer.seek_to_beginning(*assignment)
+            self._consumer = consumer
+        consumer = self._consumer
+        assignment = list(consumer.assignment())
+        # the end is a lower bound on the embedded broker (the last batch's base offset + 1),
+        # but a fetch returns whole batches: reading up to it reads the last one whole
+        ends = consumer.end_offsets(assignment)
+        found: dict[bytes, dict[str, Any]] = {}
+        deadline = time.monotonic() + 30
+        while any(consumer.position(tp) < ends[tp] for tp in assignment):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{SCHEMA_TOPIC} not read to its end within 30 s")
+            for records in consumer.poll(timeout_ms=200, max_records=10_000).values():
+                for record in records:
+                    if record.value is not None:
+                        schema = orjson.loads(record.value)
+                        found[schema_fingerprint(schema)] = schema
+        return found
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                self._consumer.close()
+            self._consumer = None
 
 
 def run_worker(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> None:

@@ -44,7 +44,7 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from decimal import Decimal
+from decimal import MAX_EMAX, MIN_EMIN, ROUND_HALF_UP, Context, Decimal
 from typing import Any, Final
 from uuid import UUID as PyUUID
 
@@ -331,6 +331,8 @@ def _kind_of(value: Any) -> str:
 def _text(value: Any) -> Any:
     if type(value) is not str:
         raise _Bad("undecodable", f"expected a string, got {_kind_of(value)}")
+    if "\x00" in value:  # PostgreSQL text cannot hold it
+        raise _Bad("bad_value", f"text with a NUL character at {value.index(chr(0))}")
     return UNAVAILABLE if value == PLACEHOLDER else value
 
 
@@ -407,18 +409,38 @@ def _unscaled(raw: bytes, scale: int) -> Decimal:
     return Decimal(f"{unscaled}E{-scale}") if scale else Decimal(unscaled)  # exact, no context
 
 
-def _decimal(scale: int) -> Convert:
+_WIDE: Final = Context(prec=2000, Emax=MAX_EMAX, Emin=MIN_EMIN)
+
+
+def _decimal(scale: int, precision: int | None = None) -> Convert:
+    """Connect's Decimal; with a ``precision`` (``numeric(p,s)``) a value that needs more than
+    ``p - s`` integer digits once rounded to ``s`` places (as PostgreSQL rounds it), or an
+    infinity, is a ``type_overflow``."""
+    digits = precision - scale if precision else None  # integer digits it may have
+    bound = Decimal(1).scaleb(digits or 0)
+    quantum = Decimal(1).scaleb(-scale)
+
+    def fit(number: Decimal) -> Decimal:
+        if digits is None or number.is_nan() or number.is_zero():
+            return number
+        if number.is_infinite() or (
+            number.adjusted() >= digits - 1  # else far below the bound, even rounded
+            and abs(number.quantize(quantum, ROUND_HALF_UP, _WIDE)) >= bound
+        ):
+            raise _Bad("type_overflow", f"{number} does not fit numeric({precision},{scale})")
+        return number
+
     def convert(value: Any) -> Any:
         if isinstance(value, Decimal):  # fastavro's decimal logical type
-            return value
+            return fit(value)
         if isinstance(value, bytes):
-            return _unscaled(value, scale)
+            return fit(_unscaled(value, scale))
         if type(value) is str:  # JsonConverter, decimal.format=BASE64 (the default)
             if value == PLACEHOLDER:
                 return UNAVAILABLE
-            return _unscaled(_b64(value), scale)
+            return fit(_unscaled(_b64(value), scale))
         if type(value) is int or type(value) is float:  # decimal.format=NUMERIC
-            return Decimal(str(value))
+            return fit(Decimal(str(value)))
         raise _Bad("undecodable", f"expected a decimal, got {_kind_of(value)}")
 
     return convert
@@ -615,7 +637,7 @@ def _semantic(t: _Type) -> tuple[Convert | None, str] | None:
     if name == DECIMAL:
         scale = t.scale or 0
         pg = f"numeric({t.precision},{scale})" if t.precision else "numeric"
-        return _decimal(scale), pg
+        return _decimal(scale, t.precision), pg
     if name == VARIABLE_SCALE_DECIMAL:
         return _variable_decimal, "numeric"
     if name == JSON:
@@ -1253,7 +1275,7 @@ class EventDecoder:
         if op == "t":
             key_names = self._key_names.get(topic) or (rows.default_keys if rows else ())
         else:
-            if key is None:
+            if not key:
                 raise _Bad("missing_key", f"{op!r} event without a key")
             key_row = await self._key(key, rows, origin)
             key_names = tuple(key_row)

@@ -33,6 +33,8 @@ DECODE_REASONS: Final = frozenset(
         "type_overflow",  # a value outside its declared type (int16, int32, dates...)
         "oversized",  # larger than the configured maximum
         "unknown_org",  # topic that routes to no organisation/entity
+        "bad_value",  # a value its staging column cannot hold (NUL in text, JSON that does
+        # not parse, a uuid that is none); staging's refusals of this kind too
     }
 )
 

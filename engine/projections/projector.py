@@ -3,32 +3,49 @@
 For a batch of raw messages:
   1. Decode each (any accepted input format); a message that cannot be decoded, or whose org
      is not known, becomes a dead letter with its reason.
-  2. Group the changes by org and entity and apply each group to staging in its own
-     transaction (idempotent by source position). A group staging refuses (a column that
-     changed type) becomes dead letters too: nothing is lost, ``fieldsync dlq replay`` brings
-     it back after a fix.
-  3. Send the dead letters and wait for the broker's acknowledgement.
-  4. Add the batch to the reconciliation counts: consumed = applied + duplicates + dead letters.
+  2. Group the changes by org and entity. A group whose columns changed type (staging's
+     catalog tells, nothing is written) stops its entity: ``incompatible_schema``.
+  3. Apply each group to staging in its own transaction (idempotent by source position). A
+     value staging refuses (a numeric that overflows its precision, a NUL character in text,
+     JSON that does not parse) fails the transaction: the group is split in halves, in source
+     order, until the refused events are found; they become dead letters (``type_overflow``,
+     ``bad_value``) and the rest is applied.
+  4. The error-rate breaker: an org whose latest events failed too often (decode or staging)
+     stops with ``error_rate_exceeded`` instead of dead-lettering them (:mod:`.stops`).
+  5. Send the dead letters and wait for the broker's acknowledgement.
+  6. Add the batch to the reconciliation counts: consumed = applied + duplicates + dead letters.
 Only then does the caller acknowledge the batch (the consumer commits offsets later still):
-a crash anywhere re-delivers the batch, and step 2 skips what was already applied.
+a crash anywhere re-delivers the batch, and step 3 skips what was already applied. A stop
+(steps 2 and 4) is recorded in the control schema and raised as :class:`ProjectionStopped`
+before any dead letter is sent or count written: the caller must not acknowledge the batch
+(the worker re-subscribes without the stopped topics, so their offsets stay where they were).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import NoReturn
 
 import psycopg
 
 from engine.projections.decoding import EventDecoder, TopicRouter
-from engine.projections.exceptions import DecodeError, ProjectionError
+from engine.projections.exceptions import DecodeError
 from engine.projections.metrics import METRICS
 from engine.projections.model import ChangeEvent, Tombstone
-from engine.projections.staging import Staging
+from engine.projections.staging import ApplyResult, IncompatibleSchema, Staging
+from engine.projections.stops import (
+    ERROR_RATE_EXCEEDED,
+    INCOMPATIBLE_SCHEMA,
+    STOPS_DDL,
+    Breaker,
+    ProjectionStopped,
+    Stop,
+    record_stop,
+)
 from engine.runtime.placement import MAIN, StagingServers
 from engine.streams.topics import dead_letter_topic
 
@@ -84,7 +101,8 @@ class BatchReport:
     )
 
 
-COUNTS_DDL = """
+COUNTS_DDL = (
+    """
 CREATE SCHEMA IF NOT EXISTS fieldsync_control;
 CREATE TABLE IF NOT EXISTS fieldsync_control.orgs (
     org text PRIMARY KEY,
@@ -102,6 +120,17 @@ CREATE TABLE IF NOT EXISTS fieldsync_control.projection_counts (
     PRIMARY KEY (org, entity)
 );
 """
+    + STOPS_DDL
+)
+
+#: SQLSTATEs of values outside their column type's range; any other data exception (class 22,
+#: and a null key) is a ``bad_value``.
+_OVERFLOW_STATES = frozenset({"22001", "22003", "22008", "22015"})
+_REFUSED_VALUE = (psycopg.DataError, psycopg.errors.NotNullViolation)
+
+
+class _GiveUp(Exception):
+    """Isolating refused values would only confirm that the breaker trips."""
 
 
 class Projector:
@@ -114,13 +143,20 @@ class Projector:
         router: TopicRouter,
         placement: Callable[[], Mapping[str, str]],
         send_dead_letters: SendDeadLetters,
+        *,
+        breaker: Breaker | None = None,
+        breaker_paused: Callable[[str], bool] = lambda _org: False,
     ) -> None:
-        """``placement``: the known orgs and the staging server of each."""
+        """``placement``: the known orgs and the staging server of each. Without ``breaker``
+        failures are dead-lettered whatever their share; ``breaker_paused(org)``: the org's
+        failures are dead-lettered for now (``fieldsync org resume --dead-letter-for``)."""
         self._servers = servers
         self._decoder = decoder
         self._router = router
         self._placement = placement
         self._send_dead_letters = send_dead_letters
+        self._breaker = breaker
+        self._breaker_paused = breaker_paused
         self._staging: dict[str, Staging] = {}
 
     def _connection(self, server: str) -> Staging:
@@ -139,7 +175,10 @@ class Projector:
         groups: dict[tuple[str, str], list[ChangeEvent]] = defaultdict(list)
         dead: list[DeadLetter] = []
         known = self._placement()
+        org_of: list[str | None] = []  # per message, the known org it counts for (breaker)
         for message in messages:  # step 1
+            route = self._router.route(message.topic)
+            org_of.append(route[0] if route and route[0] in known else None)
             try:
                 decoded = await self._decoder.decode(
                     message.topic,
@@ -150,7 +189,6 @@ class Projector:
                     message.headers,
                 )
             except DecodeError as error:
-                route = self._router.route(message.topic)
                 dead.append(
                     DeadLetter(
                         route[0] if route and route[0] in known else None,
@@ -161,7 +199,6 @@ class Projector:
                 )
                 continue
             if isinstance(decoded, Tombstone):
-                route = self._router.route(message.topic)
                 if route is not None:  # a tombstone changes nothing: counted as skipped
                     counts = report.per_entity[route]
                     counts[0] += 1
@@ -176,52 +213,217 @@ class Projector:
                 )
                 continue
             groups[(decoded.org, decoded.entity)].append(decoded)
+
+        incompatible = []  # step 2
+        for (org, entity), events in groups.items():
+            conflict = await asyncio.to_thread(
+                self._incompatibility, known[org], org, entity, events
+            )
+            if conflict is not None:
+                incompatible.append(Stop(org, entity, INCOMPATIBLE_SCHEMA, conflict.args[0]))
+        if incompatible:
+            await self._stop(incompatible, known)
+
         by_origin = {(m.topic, m.partition, m.offset): m for m in messages}
-        for (org, entity), events in groups.items():  # step 2
+        failed_orgs: dict[str, int] = defaultdict(int)  # failures so far, per org
+        batch_events: dict[str, int] = defaultdict(int)
+        for counted in org_of:
+            if counted is not None:
+                batch_events[counted] += 1
+        for letter in dead:
+            if letter.org is not None:
+                failed_orgs[letter.org] += 1
+        for (org, entity), events in groups.items():  # step 3
+
+            def give_up(refused: int, org: str = org) -> bool:
+                failed = failed_orgs[org] + refused
+                ok = batch_events[org] - failed
+                return self._would_trip(org, [False] * ok + [True] * failed)
+
             try:
-                result = await asyncio.to_thread(self._apply, known[org], org, entity, events)
-            except ProjectionError as error:
-                log.error(
-                    "org %s, entity %s: %s; dead-lettering %d events",
-                    org,
-                    entity,
-                    error,
-                    len(events),
+                result, refused = await asyncio.to_thread(
+                    self._apply, known[org], org, entity, events, give_up
                 )
-                dead.extend(
+            except IncompatibleSchema as error:  # the table changed since step 2
+                await self._stop([Stop(org, entity, INCOMPATIBLE_SCHEMA, error.args[0])], known)
+            except _GiveUp:
+                await self._trip([org], messages, org_of, dead, known, isolating=True)
+            failed_orgs[org] += len(refused)
+            for event, refusal in refused:
+                origin = event.origin
+                reason = "type_overflow" if refusal.sqlstate in _OVERFLOW_STATES else "bad_value"
+                diag = refusal.diag
+                detail = "; ".join(
+                    part
+                    for part in (diag.message_primary, diag.message_detail, diag.context)
+                    if part
+                )
+                dead.append(
                     DeadLetter(
                         org,
-                        by_origin[(e.origin.topic, e.origin.partition, e.origin.offset)],
-                        error.code,
-                        str(error),
+                        by_origin[(origin.topic, origin.partition, origin.offset)],
+                        reason,
+                        f"{origin.topic} partition {origin.partition} offset {origin.offset}: "
+                        f"staging refused a value ({refusal.sqlstate}): {detail}",
                     )
-                    for e in events
                 )
-                continue
             counts = report.per_entity[(org, entity)]
-            counts[0] += len(events)
+            counts[0] += len(events) - len(refused)
             counts[1] += result.applied
             counts[2] += result.duplicates
             report.applied += result.applied
             report.duplicates += result.duplicates
-            METRICS.watermark.labels(org, entity).set(result.watermark)
-        if dead:  # step 3
+            if result.watermark:
+                METRICS.watermark.labels(org, entity).set(result.watermark)
+
+        outcomes = self._outcomes(messages, org_of, dead)  # step 4
+        tripped = [org for org, seen in outcomes.items() if self._would_trip(org, seen)]
+        if tripped:
+            await self._trip(tripped, messages, org_of, dead, known, isolating=False)
+        if self._breaker is not None:
+            for org, seen in outcomes.items():
+                self._breaker.add(org, seen)
+
+        if dead:  # step 5
             await self._send_dead_letters(dead)
             report.dead_lettered = len(dead)
             for letter in dead:
                 METRICS.dead_lettered.labels(letter.org or "", letter.reason).inc()
-        await asyncio.to_thread(self._record_counts, report, dead, known)  # step 4
+        await asyncio.to_thread(self._record_counts, report, dead, known)  # step 6
         METRICS.events.inc(report.consumed)
         METRICS.batch_size.observe(report.consumed)
         return report
 
-    def _apply(self, server: str, org: str, entity: str, events: list[ChangeEvent]) -> Any:
+    # -- stops ---------------------------------------------------------------------------
+    def _would_trip(self, org: str, outcomes: list[bool]) -> bool:
+        return (
+            self._breaker is not None
+            and not self._breaker_paused(org)
+            and self._breaker.would_trip(org, outcomes)
+        )
+
+    @staticmethod
+    def _outcomes(
+        messages: Sequence[RawMessage], org_of: Sequence[str | None], dead: Sequence[DeadLetter]
+    ) -> dict[str, list[bool]]:
+        """Per known org, its messages' outcomes in batch order (True: failed)."""
+        failed = {(d.message.topic, d.message.partition, d.message.offset) for d in dead}
+        outcomes: dict[str, list[bool]] = defaultdict(list)
+        for message, org in zip(messages, org_of, strict=True):
+            if org is not None:
+                outcomes[org].append((message.topic, message.partition, message.offset) in failed)
+        return outcomes
+
+    async def _trip(
+        self,
+        orgs: Sequence[str],
+        messages: Sequence[RawMessage],
+        org_of: Sequence[str | None],
+        dead: Sequence[DeadLetter],
+        known: Mapping[str, str],
+        *,
+        isolating: bool,
+    ) -> NoReturn:
+        assert self._breaker is not None
+        outcomes = self._outcomes(messages, org_of, dead)
+        stops = []
+        for org in orgs:
+            reasons = Counter(d.reason for d in dead if d.org == org)
+            failed, events = self._breaker.failure_share(org)
+            batch = outcomes.get(org, [])
+            example = next((d.detail for d in dead if d.org == org), "")
+            detail = (
+                f"more than {self._breaker.ratio:.0%} of the org's latest events failed "
+                f"(window {failed} of {events} before this batch; this batch: "
+                f"{sum(batch)} of {len(batch)} failed"
+                + (", and staging refused values of it" if isolating else "")
+                + f"; reasons {dict(reasons.most_common())}); e.g. {example[:500]}"
+            )
+            stops.append(Stop(org, None, ERROR_RATE_EXCEEDED, detail))
+        await self._stop(stops, known)
+
+    async def _stop(self, stops: Sequence[Stop], known: Mapping[str, str]) -> NoReturn:
+        """Record the stops on each org's server, then raise :class:`ProjectionStopped`."""
+        for stop in stops:
+            log.error("%s; the batch is not acknowledged", stop.describe())
+            await asyncio.to_thread(self._record_stop, known.get(stop.org, MAIN), stop)
+        raise ProjectionStopped(stops)
+
+    def _record_stop(self, server: str, stop: Stop) -> None:
         staging = self._connection(server)
         try:
-            return staging.apply(org, entity, events)
+            with staging.conn.transaction():
+                record_stop(staging.conn, stop)
+        except psycopg.OperationalError:
+            self._staging.pop(server, None)
+            raise
+        staging.forget(stop.org)
+
+    # -- staging -------------------------------------------------------------------------
+    def _incompatibility(
+        self, server: str, org: str, entity: str, events: list[ChangeEvent]
+    ) -> IncompatibleSchema | None:
+        staging = self._connection(server)
+        try:
+            return staging.incompatibility(org, entity, events)
+        except psycopg.OperationalError:
+            self._staging.pop(server, None)
+            raise
+
+    def _apply(
+        self,
+        server: str,
+        org: str,
+        entity: str,
+        events: list[ChangeEvent],
+        give_up: Callable[[int], bool],
+    ) -> tuple[ApplyResult, list[tuple[ChangeEvent, psycopg.Error]]]:
+        staging = self._connection(server)
+        try:
+            return self._isolate(staging, org, entity, events, give_up, [])
         except psycopg.OperationalError:
             self._staging.pop(server, None)  # reconnect next time; the batch is re-delivered
             raise
+
+    def _isolate(
+        self,
+        staging: Staging,
+        org: str,
+        entity: str,
+        events: list[ChangeEvent],
+        give_up: Callable[[int], bool],
+        refused: list[tuple[ChangeEvent, psycopg.Error]],
+    ) -> tuple[ApplyResult, list[tuple[ChangeEvent, psycopg.Error]]]:
+        """Apply; where staging refuses a value, halve (in source order) down to the events
+        it refuses. Halves are separate transactions: the same outcome as smaller batches."""
+        try:
+            return staging.apply(org, entity, events), refused
+        except _REFUSED_VALUE as error:
+            staging.forget(org)  # rolled back: added columns and temporary tables are gone
+            if len(events) == 1:
+                log.warning(
+                    "org %s, entity %s: staging refused %s: %s",
+                    org,
+                    entity,
+                    events[0].origin,
+                    error,
+                )
+                refused.append((events[0], error))
+                if give_up(len(refused)):
+                    raise _GiveUp from None
+                return ApplyResult(), refused
+            if give_up(len(refused) + 1):
+                raise _GiveUp from None
+        ordered = sorted(events, key=lambda e: e.position)
+        middle = len(ordered) // 2
+        total = ApplyResult()
+        for half in (ordered[:middle], ordered[middle:]):
+            result, refused = self._isolate(staging, org, entity, half, give_up, refused)
+            total.applied += result.applied
+            total.duplicates += result.duplicates
+            total.truncated_rows += result.truncated_rows
+            total.watermark = max(total.watermark, result.watermark)
+        return total, refused
 
     def _record_counts(
         self, report: BatchReport, dead: Sequence[DeadLetter], placement: Mapping[str, str]

@@ -282,21 +282,46 @@ class Staging:
             )
             self._entities.pop((org, entity), None)
             state = self._state(org, entity)
+        conflict = _type_conflict(org, entity, state, shape)
+        if conflict is not None:
+            raise conflict
         for column in shape.columns:
-            existing = state.columns.get(column.name)
-            if existing is None:
+            if column.name not in state.columns:
                 self.conn.execute(
                     sql.SQL("ALTER TABLE {}.{} ADD COLUMN IF NOT EXISTS {} {}").format(
                         schema, table, sql.Identifier(column.name), sql.SQL(column.pg_type)
                     )
                 )
                 state.columns[column.name] = column.pg_type
-            elif not _same_type(existing, column.pg_type):
-                raise IncompatibleSchema(
-                    f"org {org}, entity {entity}: column {column.name} changed type from "
-                    f"{existing} to {column.pg_type}; staging needs a replay into a new schema"
-                )
         return state
+
+    def incompatibility(
+        self, org: str, entity: str, events: Sequence[ChangeEvent]
+    ) -> IncompatibleSchema | None:
+        """The :class:`IncompatibleSchema` :meth:`apply` would raise for these events, found
+        by reading the catalog only (nothing is written). A conflict with the cached table
+        state is checked again against the catalog: an operator may have altered the column."""
+        shape = _merge_shapes([e.shape for e in events if e.op != "t"])
+        if shape is None:
+            return None
+        conflict: IncompatibleSchema | None = None
+        for _attempt in range(2):
+            try:
+                with self.conn.transaction():
+                    found = self.conn.execute(
+                        "SELECT to_regclass(%s)", (f'"{self._schema(org)}"._fs_entities',)
+                    ).fetchone()
+                    if found is None or found[0] is None:
+                        return None  # a new org: everything will be created
+                    state = self._state(org, entity)
+            except _STALE_STATE:
+                self.forget(org)
+                continue
+            conflict = _type_conflict(org, entity, state, shape)
+            if conflict is None:
+                return None
+            self.forget(org)
+        return conflict
 
     # -- apply -------------------------------------------------------------------------
     def apply(self, org: str, entity: str, events: Sequence[ChangeEvent]) -> ApplyResult:
@@ -663,6 +688,20 @@ class Staging:
         ).fetchone()
         assert row is not None
         return int(row[0]), int(row[1])
+
+
+def _type_conflict(
+    org: str, entity: str, state: _EntityState, shape: EntityShape
+) -> IncompatibleSchema | None:
+    for column in shape.columns:
+        existing = state.columns.get(column.name)
+        if existing is not None and not _same_type(existing, column.pg_type):
+            return IncompatibleSchema(
+                f"org {org}, entity {entity}: column {column.name} changed type from "
+                f"{existing} to {column.pg_type}; make staging match (a replay into a new "
+                f"schema, or ALTER TABLE), then: fieldsync org resume {org} --entity {entity}"
+            )
+    return None
 
 
 def _same_type(existing: str, incoming: str) -> bool:

@@ -1,4 +1,4 @@
-"""``fieldsync org provision|update|decommission|status`` and ``fieldsync provisioner``."""
+"""``fieldsync org provision|update|decommission|status|resume`` and ``fieldsync provisioner``."""
 
 from __future__ import annotations
 
@@ -115,6 +115,36 @@ def status(org: Annotated[str | None, typer.Argument()] = None) -> None:
             row.reason or "",
         )
     console.print(table)
+
+
+@org_app.command("resume")
+def resume(
+    org: str,
+    entity: Annotated[str | None, typer.Option(help="Resume this entity only.")] = None,
+    dead_letter_for: Annotated[
+        float,
+        typer.Option(
+            help="Seconds during which the org's failing messages go to the dead-letter topic "
+            "instead of stopping it again (for messages no fix will make readable)."
+        ),
+    ] = 0,
+) -> None:
+    """Clear a projector stop (error_rate_exceeded, incompatible_schema): projector workers
+    subscribe again within FIELDSYNC_PROJECTOR_TOPIC_REFRESH_S and continue from the committed
+    offsets."""
+    from engine.projections.stops import resume_org
+    from engine.runtime.placement import StagingServers
+
+    try:
+        settings = get_settings()
+        servers = StagingServers.from_settings(settings, resolve_endpoints(settings).staging_dsn)
+        cleared = resume_org(servers, org, entity, dead_letter_for)
+    except FieldSyncError as error:
+        raise _fail(error) from None
+    for stop in cleared:
+        console.print(f"[green]✓[/] resumed {stop.describe()}")
+    if not cleared:
+        console.print(f"{org}{f', entity {entity}' if entity else ''}: nothing was stopped")
 
 
 def provisioner() -> None:

@@ -212,6 +212,11 @@ class Provisioner:
                 "DELETE FROM fieldsync_control.projection_counts WHERE org = %s AND entity = %s",
                 (org, entity),
             )
+            conn.execute(COUNTS_DDL)  # the control tables of an older version lack `stopped`
+            conn.execute(
+                "DELETE FROM fieldsync_control.stopped WHERE org = %s AND entity = %s",
+                (org, entity),
+            )
 
     def _offline(
         self, conn: psycopg.Connection[Any], org: str, spec: OrgSpec, removed: set[str]
@@ -250,6 +255,9 @@ class Provisioner:
                 sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(org_schema(org)))
             )
             conn.execute("DELETE FROM fieldsync_control.projection_counts WHERE org = %s", (org,))
+            conn.execute(COUNTS_DDL)  # the control tables of an older version lack `stopped`
+            conn.execute("DELETE FROM fieldsync_control.stopped WHERE org = %s", (org,))
+            conn.execute("DELETE FROM fieldsync_control.breaker_pauses WHERE org = %s", (org,))
             conn.execute("DELETE FROM fieldsync_control.orgs WHERE org = %s", (org,))
         mark("snapshots")
         _delete_snapshots(self.settings, org)
