@@ -334,6 +334,7 @@ def gateway_process(
         FIELDSYNC_GATEWAY_TOKEN_SECRET=token_secret,
         FIELDSYNC_GATEWAY_PAGE_ROWS=str(PAGE_ROWS),
         FIELDSYNC_GATEWAY_MAX_WAIT_S=str(2 * WAIT_S),
+        FIELDSYNC_GATEWAY_METRICS_ENABLED="true",  # the monitor reads the long-poll gauge
         FIELDSYNC_LOG_LEVEL="WARNING",
     )
     log = workdir / "gateway.log"

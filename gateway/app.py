@@ -20,15 +20,20 @@ import psycopg
 from anyio import to_thread
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, Field, StringConstraints
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES, GZipMiddleware
 
 from engine.config import Settings
 from engine.exceptions import FieldSyncError
+from engine.logs import logging_config
 from engine.projections.staging import org_schema
+from engine.projections.stops import Stop, read_stops
 from engine.runtime.placement import StagingServers
 from gateway.access import AccessError, StagingMismatch
 from gateway.auth import Authenticator, Forbidden, KeysUnavailable, Principal, Unauthorized
@@ -44,6 +49,7 @@ log = logging.getLogger("fieldsync.gateway")
 
 ORG = r"^[a-z][a-z0-9_]{0,39}$"
 ENTITY = r"^[a-z_][a-z0-9_]{0,62}$"
+NDJSON = "application/x-ndjson"
 Section = Literal["entities", "roles", "profiles", "users"]
 EntityName = Annotated[str, StringConstraints(pattern=ENTITY)]
 SyncTokenText = Annotated[str, StringConstraints(max_length=16_384)]
@@ -56,6 +62,63 @@ class SyncRequest(BaseModel):
     tokens: dict[EntityName, SyncTokenText | None] = Field(default_factory=dict, max_length=1000)
     wait: float = Field(default=0, ge=0, description="long-poll: seconds to wait for a change")
     limit: int | None = Field(default=None, ge=1, description="rows per entity and page")
+
+
+class ErrorBody(BaseModel):
+    """Every error: a stable code and a message naming the problem."""
+
+    error: str = Field(description="stable error code, e.g. token_expired, forbidden")
+    detail: str = Field(description="what is wrong, for people")
+
+
+def _problems(exc: RequestValidationError, limit: int = 10) -> str:
+    """``path.to.field: message`` for the first ``limit`` problems."""
+    errors = list(exc.errors())
+    text = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ())) or 'request'}: {e.get('msg', 'invalid')}"
+        for e in errors[:limit]
+    )
+    return text + (f"; and {len(errors) - limit} more" if len(errors) > limit else "")
+
+
+AUTHENTICATED_ERRORS = {
+    "400": "bad_sync_token: a sync token or cursor this deployment did not issue for this "
+    "user, org and entity",
+    "401": "no acceptable bearer token (missing_token, malformed_token, bad_signature, "
+    "bad_algorithm, unknown_key, token_expired, token_not_yet_valid, bad_audience, bad_issuer, "
+    "missing_claim, bad_claim, lifetime_too_long)",
+    "403": "forbidden: the token does not grant this (another org, no offline role, entity "
+    "outside the profile, no admin scope)",
+    "404": "unknown_org, no_snapshot",
+    "409": "snapshot_stale",
+    "503": "staging_unavailable, jwks_unavailable, offline_config_mismatch: retry later",
+}
+
+
+def _document(schema: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI document as the gateway answers: bearer authentication instead of an
+    ``authorization`` header parameter, the error body and codes of every operation."""
+    components = schema.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    schemas["ErrorBody"] = ErrorBody.model_json_schema()
+    if "HTTPValidationError" in schemas:  # FastAPI's 422 body: ours is ErrorBody too
+        schemas["HTTPValidationError"] = ErrorBody.model_json_schema()
+        schemas.pop("ValidationError", None)
+    components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            parameters = operation.get("parameters", [])
+            kept = [p for p in parameters if (p["in"], p["name"]) != ("header", "authorization")]
+            if len(kept) == len(parameters):
+                continue
+            operation["parameters"] = kept
+            operation["security"] = [{"bearer": []}]
+            for status, description in AUTHENTICATED_ERRORS.items():
+                operation["responses"].setdefault(
+                    status, {"description": description, "content": body}
+                )
+    return schema
 
 
 def data_dir_secret(settings: Settings, name: str) -> str:
@@ -186,6 +249,29 @@ def create_app(
     OrgPath = Annotated[str, PathParam(pattern=ORG)]
     app.include_router(snapshot_router(service, settings, principal))
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 naming each bad parameter — after authentication: a caller without a valid
+        token learns nothing about its request but the 401."""
+        route = request.scope.get("route")
+        if isinstance(route, APIRoute) and any(
+            d.call is principal for d in route.dependant.dependencies
+        ):
+            try:
+                await to_thread.run_sync(principal, request.headers.get("authorization"))
+            except Unauthorized as refused:
+                return await _unauthorized(request, refused)
+            except KeysUnavailable as unavailable:
+                return await _no_keys(request, unavailable)
+        return error(422, "invalid_request", _problems(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        response = error(exc.status_code, code, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        return response
+
     # -- health and metrics -----------------------------------------------------------------
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, str]:
@@ -193,24 +279,34 @@ def create_app(
 
     @app.get("/readyz", tags=["operations"])
     async def readyz() -> JSONResponse:
-        def probe(name: str, pool: ConnectionPool[Any]) -> None:
+        """503 when this gateway cannot serve (a staging server or its LISTEN down); an org or
+        entity the projector stopped is an operator matter: 200, listed under ``degraded``
+        (its devices are served what staging had when it stopped)."""
+
+        def probe(name: str, pool: ConnectionPool[Any]) -> list[Stop]:
             with pool.connection(timeout=2) as conn:
-                conn.execute("SELECT 1")
+                return read_stops(conn)
 
         problems = []
+        degraded = []
         for name, pool in pools.pools.items():
             try:
-                await to_thread.run_sync(probe, name, pool)
+                degraded += [s.describe() for s in await to_thread.run_sync(probe, name, pool)]
             except Exception as exc:
                 problems.append(f"staging server {name}: {type(exc).__name__}")
         problems += [f"live updates from {name}: not listening" for name in live.disconnected]
         if problems:
-            return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
+            return JSONResponse(
+                {"status": "unavailable", "problems": problems, "degraded": degraded},
+                status_code=503,
+            )
+        if degraded:
+            return JSONResponse({"status": "degraded", "degraded": degraded})
         return JSONResponse({"status": "ready"})
 
     if settings.gateway_metrics_enabled:
 
-        @app.get("/metrics", tags=["operations"])
+        @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
         async def metrics() -> Response:
             return Response(generate_latest(METRICS.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -265,7 +361,12 @@ def create_app(
         finally:
             del in_flight[key]
 
-    @app.get("/orgs/{org}/bootstrap/{entity}", tags=["sync"])
+    @app.get(
+        "/orgs/{org}/bootstrap/{entity}",
+        tags=["sync"],
+        response_class=StreamingResponse,
+        responses={200: {"description": "NDJSON lines", "content": {NDJSON: {}}}},
+    )
     async def bootstrap(
         org: OrgPath,
         entity: Annotated[str, PathParam(pattern=ENTITY)],
@@ -283,7 +384,7 @@ def create_app(
                     return
                 yield chunk
 
-        return StreamingResponse(stream(), media_type="application/x-ndjson")
+        return StreamingResponse(stream(), media_type=NDJSON)
 
     # -- admin endpoint (served only with FIELDSYNC_GATEWAY_ADMIN_ENABLED) -------------------
     admin_api = APIRouter(tags=["admin"])
@@ -315,7 +416,8 @@ def create_app(
     @admin_api.get("/orgs/{org}/admin/status")
     async def status(org: OrgPath, who: Who) -> dict[str, Any]:
         """Per entity: watermark, retention horizon, counts (consumed, applied, dead letters)
-        and, when the gateway knows the broker, the projector group's lag."""
+        and, when the gateway knows the broker, the projector group's lag; ``stopped``: the
+        org's stops (``entity`` null: the whole org), see docs/staging.md."""
         admin(org, who)
 
         def read(conn: psycopg.Connection[Any]) -> dict[str, Any]:
@@ -347,7 +449,8 @@ def create_app(
                     consumed=consumed, applied=applied, duplicates=duplicates, dead_lettered=dead
                 )
             return {"org": org, "staging_epoch": epoch, "config_revision": revision,
-                    "staging_server": pools.server_of(org), "entities": entities}  # fmt: skip
+                    "staging_server": pools.server_of(org), "entities": entities,
+                    "stopped": [s.as_json() for s in read_stops(conn, org)]}  # fmt: skip
 
         result: dict[str, Any] = await _org_db(org, read)
         if bootstrap_servers is not None and result["entities"]:
@@ -362,27 +465,25 @@ def create_app(
                 result["entities"][topics[topic]]["lag"] = behind
         return result
 
-    @admin_api.post("/orgs/{org}/admin/lifecycle/{kind}", status_code=202)
-    async def lifecycle_command(
-        org: OrgPath,
-        kind: Literal["provision", "update", "decommission"],
-        who: Who,
-        document: Annotated[dict[str, Any] | None, Body()] = None,
-    ) -> dict[str, Any]:
-        """Publish a provisioning command (the org file as JSON for provision/update); a
-        provisioner applies it — follow it with ``GET …/admin/lifecycle``."""
-        admin(org, who)
-        from engine.provisioning.commands import command_from_document
-        from engine.provisioning.worker import publish
+    if bootstrap_servers is not None:  # served only where commands can be published
+        brokers = bootstrap_servers
 
-        command = command_from_document(kind, document or {}, org)
-        if bootstrap_servers is None:
-            return JSONResponse(  # type: ignore[return-value]
-                {"error": "not_configured", "detail": "this gateway has no broker to publish to"},
-                status_code=503,
-            )
-        await to_thread.run_sync(publish, settings, bootstrap_servers, [command])
-        return {"org": org, "kind": kind, "command": command.id}
+        @admin_api.post("/orgs/{org}/admin/lifecycle/{kind}", status_code=202)
+        async def lifecycle_command(
+            org: OrgPath,
+            kind: Literal["provision", "update", "decommission"],
+            who: Who,
+            document: Annotated[dict[str, Any] | None, Body()] = None,
+        ) -> dict[str, Any]:
+            """Publish a provisioning command (the org file as JSON for provision/update); a
+            provisioner applies it — follow it with ``GET …/admin/lifecycle``."""
+            admin(org, who)
+            from engine.provisioning.commands import command_from_document
+            from engine.provisioning.worker import publish
+
+            command = command_from_document(kind, document or {}, org)
+            await to_thread.run_sync(publish, settings, brokers, [command])
+            return {"org": org, "kind": kind, "command": command.id}
 
     @admin_api.get("/orgs/{org}/admin/lifecycle")
     async def lifecycle_state(org: OrgPath, who: Who) -> dict[str, Any]:
@@ -453,7 +554,7 @@ def create_app(
             _, config, _ = org_state(conn, org)
             document = config.model_dump(mode="json")
             if name not in document[section]:
-                raise AccessError(f"{section}.{name}: not configured")
+                raise StarletteHTTPException(404, f"{section}.{name}: not configured")
             del document[section][name]
             return put_config(conn, org, document)
 
@@ -462,6 +563,7 @@ def create_app(
 
     if settings.gateway_admin_enabled:
         app.include_router(admin_api)
+    app.openapi_schema = _document(app.openapi())
     return app
 
 
@@ -485,6 +587,7 @@ def run_gateway(
         ssl_keyfile=str(settings.gateway_tls_key) if settings.gateway_tls_key else None,
         loop="uvloop",
         access_log=False,
+        log_config=logging_config(settings, "gateway", stream="stdout"),
         timeout_graceful_shutdown=5,
         # a long page may reach a slow client after uvicorn's 5 s default started counting
         timeout_keep_alive=75,

@@ -159,7 +159,15 @@ def snapshot_router(
         }
         return Response(orjson.dumps(body), media_type="application/json")
 
-    @router.get("/orgs/{org}/snapshots/{entity}/file")
+    @router.get(
+        "/orgs/{org}/snapshots/{entity}/file",
+        response_class=FileResponse,
+        responses={
+            200: {"description": "the Avro file", "content": {AVRO_MEDIA_TYPE: {}}},
+            206: {"description": "the rest of the file (Range)", "content": {AVRO_MEDIA_TYPE: {}}},
+            304: {"description": "unchanged (If-None-Match)"},
+        },
+    )
     async def snapshot_file(
         org: OrgPath,
         entity: EntityPath,
