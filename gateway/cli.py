@@ -122,7 +122,13 @@ def token(
     role: Annotated[list[str] | None, typer.Option("--role", "-r", help="Security role.")] = None,
     team: Annotated[list[str] | None, typer.Option("--team", "-t", help="Team id.")] = None,
     admin: Annotated[bool, typer.Option(help="Add scope fieldsync:admin.")] = False,
-    ttl: Annotated[int, typer.Option(help="Seconds until it expires.")] = 3600,
+    ttl: Annotated[
+        int,
+        typer.Option(
+            help="Seconds until it expires (at most FIELDSYNC_GATEWAY_JWT_MAX_LIFETIME_S).",
+            min=1,
+        ),
+    ] = 3600,
 ) -> None:
     """Mint an HS256 device (or admin) JWT with the gateway's secret — for development."""
     import jwt
@@ -145,6 +151,7 @@ def token(
         "roles": role or [],
         "teams": team or [],
         "aud": settings.gateway_jwt_audience,
+        "iat": int(time.time()),
         "exp": int(time.time()) + ttl,
     }
     if settings.gateway_jwt_issuer:
