@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test chaos demo up bench lint typecheck clean
+.PHONY: install test chaos demo scale-demo up bench lint typecheck clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ chaos: $(STAMP)
 ## make demo: embedded services, sample CRM source, capture, and what landed on which topic
 demo: $(STAMP)
 	$(BIN)/fieldsync demo
+
+## make scale-demo: two projectors and two gateways, one projector killed mid-run; all converge
+scale-demo: $(STAMP)
+	$(BIN)/fieldsync scale-demo
 
 ## make up: keep the embedded PostgreSQL and broker running for real use (Ctrl-C stops them)
 up: $(STAMP)

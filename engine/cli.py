@@ -180,6 +180,24 @@ def demo(
         raise _fail(error) from None
 
 
+@app.command("scale-demo")
+def scale_demo(
+    accounts: Annotated[int, typer.Option(help="Sample size: number of accounts.")] = 500,
+    rate: Annotated[float, typer.Option(help="Source changes per second.")] = 100.0,
+    seconds: Annotated[float, typer.Option(help="How long the device keeps syncing.")] = 40.0,
+) -> None:
+    """Two projectors and two gateways on loopback; one projector killed and restarted while a
+    device syncs through the gateways in turn; staging and device checked at the end."""
+    from engine.scale_demo import run_scale_demo
+
+    try:
+        settings = _settings()
+        configure_logging(settings)
+        run_scale_demo(settings, console, accounts=accounts, rate=rate, seconds=seconds)
+    except FieldSyncError as error:
+        raise _fail(error) from None
+
+
 @app.command()
 def topics(
     topic: Annotated[
