@@ -186,8 +186,10 @@ def scale_demo(
     rate: Annotated[float, typer.Option(help="Source changes per second.")] = 100.0,
     seconds: Annotated[float, typer.Option(help="How long the device keeps syncing.")] = 40.0,
 ) -> None:
-    """Two projectors and two gateways on loopback; one projector killed and restarted while a
-    device syncs through the gateways in turn; staging and device checked at the end."""
+    """Scale-out on one machine: 2 projectors, 2 gateways, a projector killed mid-run.
+
+    A device syncs through the gateways in turn while one projector is SIGKILLed and restarted;
+    at the end staging must equal the source and the device its user's view."""
     from engine.scale_demo import run_scale_demo
 
     try:
