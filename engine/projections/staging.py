@@ -41,6 +41,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from engine.projections import capture_epochs
 from engine.projections.exceptions import ProjectionError
 from engine.projections.model import UNAVAILABLE, ChangeEvent, ColumnSpec, EntityShape
 
@@ -183,6 +184,7 @@ class Staging:
                 """
             ).format(schema)
         )
+        capture_epochs.ensure_columns(self.conn, self._schema(org))
         self._orgs.add(org)
 
     def _lock_ddl(self, name: str) -> None:
@@ -330,11 +332,19 @@ class Staging:
         A table or column the cached state names but the database no longer has means another
         schema was swapped in under the org's name (a replay): forget the cache, apply again.
         """
-        try:
-            return self._apply(org, entity, events)
-        except _STALE_STATE:
-            self.forget(org)
-            return self._apply(org, entity, events)
+        for _ in range(5):  # a new capture epoch resets the org first (capture_epochs.py)
+            try:
+                try:
+                    return self._apply(org, entity, events)
+                except _STALE_STATE:
+                    self.forget(org)
+                    return self._apply(org, entity, events)
+            except capture_epochs.NewCaptureEpoch as new:
+                self.forget(org)
+                capture_epochs.reset(
+                    self.conn, self._schema(org), org, new.epoch, live=self._notify
+                )
+        raise ProjectionError(f"org {org}: the capture epoch keeps changing ({entity})")
 
     def _apply(self, org: str, entity: str, events: Sequence[ChangeEvent]) -> ApplyResult:
         result = ApplyResult()
@@ -360,6 +370,7 @@ class Staging:
                 ).format(schema),
                 (entity,),
             ).fetchone()
+            events, stale = capture_epochs.admit(self.conn, self._schema(org), entity, events)
             truncate = max(
                 (e for e in events if e.op == "t"), key=lambda e: e.position, default=None
             )
@@ -378,7 +389,7 @@ class Staging:
                 org, entity, state, shape, rows, watermark, (t_commit, t_lsn), (p_commit, p_lsn)
             )
             result.applied = newer + applied_truncate
-            result.duplicates = len(rows) - newer + len(truncates) - applied_truncate
+            result.duplicates = len(rows) - newer + len(truncates) - applied_truncate + stale
             watermark += written
             if written or _newer_truncate:
                 self.conn.execute(
