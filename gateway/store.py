@@ -20,6 +20,7 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
+from engine.control import run_control_ddl
 from engine.logs import current
 from engine.projections.projector import COUNTS_DDL
 from engine.runtime.placement import MAIN, PLACEMENT_DDL, StagingServers
@@ -45,10 +46,7 @@ class UnknownOrg(LookupError):
 
 
 def ensure_schema(conn: psycopg.Connection[Any]) -> None:
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('fieldsync_control.gateway'))")
-        conn.execute(COUNTS_DDL)
-        conn.execute(GATEWAY_DDL)
+    run_control_ddl(conn, COUNTS_DDL, GATEWAY_DDL)
 
 
 def org_state(conn: psycopg.Connection[Any], org: str) -> tuple[str, OfflineConfig, int]:
@@ -155,7 +153,7 @@ class StagingPools:
             with pool.connection() as conn:
                 ensure_schema(conn)
                 if name == MAIN:
-                    conn.execute(PLACEMENT_DDL)
+                    run_control_ddl(conn, PLACEMENT_DDL)
 
     def close(self) -> None:
         for pool in self.pools.values():

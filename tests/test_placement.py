@@ -111,7 +111,7 @@ def test_orgs_are_spread_over_staging_servers_and_every_component_routes_by_plac
             return {r.org: r.state for r in read_lifecycle(conn)}
 
     try:
-        wait_until(lambda: states() == dict.fromkeys(orgs, "active"), 60, "active", log)
+        wait_until(lambda: states() == dict.fromkeys(orgs, "active"), 120, "active", log)
         # the fewest orgs win, ties go to main (commands of several partitions: any order)
         placements = StagingServers.from_settings(settings, main).placements()
         assert sorted(placements.values()) == ["east", "main", "main"]
@@ -119,7 +119,7 @@ def test_orgs_are_spread_over_staging_servers_and_every_component_routes_by_plac
         (second,) = (org for org in orgs if placements[org] == "east")
         wait_until(
             lambda: (jobs(main, first), jobs(east, second), jobs(main, third)) == (50, 50, 50),
-            90,
+            180,
             "each org's staging filled on its server",
             log,
         )

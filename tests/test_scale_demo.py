@@ -18,10 +18,10 @@ def test_scale_out_converges_with_a_projector_killed(tmp_path: Path) -> None:
         data_dir=tmp_path, embedded_pg_port=free_port(), embedded_broker_port=free_port()
     )
     console = Console(record=True, width=120)
-    measured = run_scale_demo(settings, console, accounts=200, rate=40, seconds=24)
-    assert len(measured["gateways"]) == 2 and min(measured["gateways"].values()) >= 3
+    measured = run_scale_demo(settings, console, accounts=100, rate=40, seconds=16)
+    assert len(measured["gateways"]) == 2 and min(measured["gateways"].values()) >= 2
     killed, restarted = measured["kills"]
     assert killed is not None and restarted is not None and restarted > killed
-    assert measured["source_changes"] > 100
+    assert measured["source_changes"] > 50
     assert measured["entities"] == 8 and measured["device_rows"]["opportunity"] > 0
     assert "converged" in console.export_text()

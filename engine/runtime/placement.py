@@ -24,6 +24,7 @@ from typing import Any
 import psycopg
 
 from engine.config import Settings
+from engine.control import run_control_ddl
 from engine.exceptions import ConfigError
 
 MAIN = "main"
@@ -68,7 +69,7 @@ class StagingServers:
 
     def _main(self) -> psycopg.Connection[Any]:
         conn = psycopg.connect(self.main_dsn, autocommit=True)
-        conn.execute(PLACEMENT_DDL)
+        run_control_ddl(conn, PLACEMENT_DDL)
         return conn
 
     def placements(self) -> dict[str, str]:
