@@ -811,10 +811,15 @@ def test_each_json_failure_has_its_reason() -> None:
     # with a schema, values are checked against it
     flights = orjson.loads(fixture("admin_flights_3.0.0_snapshot.value.json"))
     flights["payload"]["after"]["capacity"] = 40_000
+    flight = b'{"id":"8a5d4c1e-2b0f-4c5e-9d3a-7f6e5d4c3b2a"}'
     error = _expect(
-        "type_overflow", dec, "admin_flights.public.flights", b'{"id":"x"}', orjson.dumps(flights)
+        "type_overflow", dec, "admin_flights.public.flights", flight, orjson.dumps(flights)
     )
     assert "'capacity'" in str(error) and "int16" in str(error)
+    # a uuid key that is none: staging could not hold it
+    valid = fixture("admin_flights_3.0.0_snapshot.value.json")
+    error = _expect("bad_value", dec, "admin_flights.public.flights", b'{"id":"x"}', valid)
+    assert "'x' is not a uuid" in str(error)
     persons = orjson.loads(fixture("pg_persons_2.7.1_create.value.json"))
     persons["payload"]["after"]["age"] = 2**31
     _expect("type_overflow", dec, "pg.public.persons", b'{"id":2}', orjson.dumps(persons))

@@ -35,6 +35,7 @@ import psycopg
 from kafka.admin import KafkaAdminClient
 
 from engine.config import Settings
+from engine.control import run_control_ddl
 from engine.logs import logging_config
 from engine.projections.decoding import EventDecoder, TopicRouter
 from engine.projections.exceptions import SchemaUnavailable
@@ -115,7 +116,7 @@ class OrgRegistry:
         pauses: dict[str, float] = {}
         for server, dsn in self._servers.servers.items():
             with psycopg.connect(dsn) as conn:
-                conn.execute(COUNTS_DDL)
+                run_control_ddl(conn, COUNTS_DDL)
                 rows = conn.execute(
                     "SELECT org, debezium_topics FROM fieldsync_control.orgs"
                 ).fetchall()
@@ -157,7 +158,7 @@ def register_org(
     import orjson
 
     with psycopg.connect(staging_dsn) as conn:
-        conn.execute(COUNTS_DDL)
+        run_control_ddl(conn, COUNTS_DDL)
         conn.execute(
             """
             INSERT INTO fieldsync_control.orgs (org, retention_days, debezium_topics)
@@ -263,7 +264,7 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
                 for e in events
             ]
             schema_tail.mark_batch()
-            report = await _handle_until_done(projector, messages)
+            report = await _handle_until_done(projector, messages, app)
             log.debug(
                 "batch of %d: applied %d, skipped %d, dead-lettered %d",
                 report.consumed,
@@ -287,6 +288,7 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
                 gone,
                 now_held,
             )
+            await _commit_acknowledged(app)
             _reexec()
         _update_lag(app)
 
@@ -301,7 +303,9 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
     return app
 
 
-async def _handle_until_done(projector: Projector, messages: list[RawMessage]) -> Any:
+async def _handle_until_done(
+    projector: Projector, messages: list[RawMessage], app: faust.App
+) -> Any:
     """Retry a batch while its failure is one that waiting fixes (database or registry down);
     on anything else exit, so the restarted worker resumes from the committed offsets instead
     of faust restarting the agent past a batch that was never applied."""
@@ -310,11 +314,13 @@ async def _handle_until_done(projector: Projector, messages: list[RawMessage]) -
         try:
             return await projector.handle(messages)
         except ProjectionStopped as stopped:
-            log.error(
-                "%s; restarting the worker without the stopped topics (the batch is not"
-                " acknowledged)",
-                stopped.args[0],
+            log.info(
+                "restarting the worker without the topics of %s",
+                ", ".join(
+                    s.org if s.entity is None else f"{s.org}.{s.entity}" for s in stopped.stops
+                ),
             )
+            await _commit_acknowledged(app)  # this batch is not: it comes again after resume
             _reexec()
         except (psycopg.OperationalError, SchemaUnavailable) as error:
             log.warning("batch not applied (%s); retrying in %.1fs", error, pause)
@@ -337,6 +343,15 @@ def _update_lag(app: faust.App) -> None:
             METRICS.lag.labels(tp.topic, str(tp.partition)).set(
                 max(0, highwater - (read or -1) - 1)
             )
+
+
+async def _commit_acknowledged(app: faust.App) -> None:
+    """Commit the offsets of the batches handled so far before re-executing (else the new
+    process gets them again, as duplicates); best effort."""
+    try:
+        await asyncio.wait_for(app.consumer.commit(), timeout=10)
+    except Exception as error:  # the restart redelivers them: slower, not wrong
+        log.warning("offsets not committed before the restart (%s)", error)
 
 
 def _reexec() -> NoReturn:

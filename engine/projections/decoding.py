@@ -338,10 +338,52 @@ def _text(value: Any) -> Any:
 
 def _uuid(value: Any) -> Any:
     if type(value) is str:
-        return UNAVAILABLE if value == PLACEHOLDER else value
+        if value == PLACEHOLDER:
+            return UNAVAILABLE
+        try:
+            PyUUID(value)
+        except ValueError:
+            raise _Bad("bad_value", f"{value[:40]!r} is not a uuid") from None
+        return value
     if isinstance(value, PyUUID):  # fastavro's `uuid` logical type
         return str(value)
     raise _Bad("undecodable", f"expected a uuid string, got {_kind_of(value)}")
+
+
+def _json_document(value: Any) -> Any:
+    """io.debezium.data.Json: text that must parse, without what ``jsonb`` cannot hold."""
+    value = _text(value)
+    if value is UNAVAILABLE:
+        return value
+    try:
+        document = orjson.loads(value)
+    except orjson.JSONDecodeError as error:
+        document = _lenient_json(value, error)  # numbers beyond a double are still JSON
+    if "\\u0000" in value and _holds_nul(document):
+        raise _Bad("bad_value", "JSON with \\u0000, which jsonb cannot hold")
+    return value
+
+
+def _lenient_json(value: str, error: Exception) -> Any:
+    import json
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(value, parse_constant=constant)
+    except ValueError:
+        raise _Bad("bad_value", f"not valid JSON ({error})") from None
+
+
+def _holds_nul(document: Any) -> bool:
+    if isinstance(document, str):
+        return "\x00" in document
+    if isinstance(document, list):
+        return any(_holds_nul(item) for item in document)
+    if isinstance(document, dict):
+        return any("\x00" in k or _holds_nul(v) for k, v in document.items())
+    return False
 
 
 def _boolean(value: Any) -> Any:
@@ -379,6 +421,17 @@ def _float(value: Any) -> Any:
     if kind is str and value in _NON_FINITE:  # Jackson quotes non-finite numbers
         return float(value)
     raise _Bad("undecodable", f"expected a number, got {_kind_of(value)}")
+
+
+_FLOAT32_MAX: Final = 3.4028234663852886e38
+
+
+def _float32(value: Any) -> Any:
+    """A JSON number for a ``real`` column: beyond its range it would silently be infinity."""
+    number = _float(value)
+    if abs(number) > _FLOAT32_MAX and number not in (float("inf"), float("-inf")):
+        raise _Bad("type_overflow", f"{value} does not fit float32 (real)")
+    return number
 
 
 def _avro_bytes(value: Any) -> Any:
@@ -581,7 +634,7 @@ def _compile(t: _Type, *, json: bool) -> tuple[Convert | None, str]:
     if kind == "int64":
         return (_INT64 if json else None), "bigint"
     if kind == "float32":
-        return (_float if json else None), "real"
+        return (_float32 if json else None), "real"
     if kind == "float64":
         return (_float if json else None), "double precision"
     if kind == "string":
@@ -641,7 +694,7 @@ def _semantic(t: _Type) -> tuple[Convert | None, str] | None:
     if name == VARIABLE_SCALE_DECIMAL:
         return _variable_decimal, "numeric"
     if name == JSON:
-        return _text, "jsonb"
+        return _json_document, "jsonb"
     if name == UUID:
         return _uuid, "uuid"
     return None

@@ -32,6 +32,7 @@ from typing import NoReturn
 
 import psycopg
 
+from engine.control import run_control_ddl
 from engine.projections.decoding import EventDecoder, TopicRouter
 from engine.projections.exceptions import DecodeError
 from engine.projections.metrics import METRICS
@@ -126,11 +127,19 @@ CREATE TABLE IF NOT EXISTS fieldsync_control.projection_counts (
 #: SQLSTATEs of values outside their column type's range; any other data exception (class 22,
 #: and a null key) is a ``bad_value``.
 _OVERFLOW_STATES = frozenset({"22001", "22003", "22008", "22015"})
-_REFUSED_VALUE = (psycopg.DataError, psycopg.errors.NotNullViolation)
+_REFUSED_VALUE = (
+    psycopg.DataError,
+    psycopg.errors.NotNullViolation,
+    psycopg.errors.CheckViolation,  # a constraint an operator added to staging
+)
 
 
 class _GiveUp(Exception):
     """Isolating refused values would only confirm that the breaker trips."""
+
+    def __init__(self, refused: list[tuple[ChangeEvent, psycopg.Error]]) -> None:
+        super().__init__(f"{len(refused)} values refused")
+        self.refused = refused
 
 
 class Projector:
@@ -165,7 +174,7 @@ class Projector:
             conn = psycopg.connect(
                 self._servers.dsn(server), application_name="fieldsync-projector"
             )
-            conn.execute(COUNTS_DDL)
+            run_control_ddl(conn, COUNTS_DDL)
             conn.commit()
             staging = self._staging[server] = Staging(conn)
         return staging
@@ -220,9 +229,13 @@ class Projector:
                 self._incompatibility, known[org], org, entity, events
             )
             if conflict is not None:
-                incompatible.append(Stop(org, entity, INCOMPATIBLE_SCHEMA, conflict.args[0]))
-        if incompatible:
-            await self._stop(incompatible, known)
+                detail, conflicts = conflict.args[0], conflict.conflicts
+                incompatible.append(Stop(org, entity, INCOMPATIBLE_SCHEMA, detail, None, conflicts))
+        if incompatible:  # orgs whose decoding failed too often stop in the same go
+            outcomes = self._outcomes(messages, org_of, dead)
+            tripped = [org for org, seen in outcomes.items() if self._would_trip(org, seen)]
+            stops = [*incompatible, *self._trip_stops(tripped, messages, org_of, dead)]
+            await self._stop(stops, known)
 
         by_origin = {(m.topic, m.partition, m.offset): m for m in messages}
         failed_orgs: dict[str, int] = defaultdict(int)  # failures so far, per org
@@ -245,28 +258,13 @@ class Projector:
                     self._apply, known[org], org, entity, events, give_up
                 )
             except IncompatibleSchema as error:  # the table changed since step 2
-                await self._stop([Stop(org, entity, INCOMPATIBLE_SCHEMA, error.args[0])], known)
-            except _GiveUp:
-                await self._trip([org], messages, org_of, dead, known, isolating=True)
+                stop = Stop(org, entity, INCOMPATIBLE_SCHEMA, error.args[0], None, error.conflicts)
+                await self._stop([stop], known)
+            except _GiveUp as giving_up:
+                letters = [_refused(org, e, error, by_origin) for e, error in giving_up.refused]
+                await self._trip([org], messages, org_of, [*dead, *letters], known)
             failed_orgs[org] += len(refused)
-            for event, refusal in refused:
-                origin = event.origin
-                reason = "type_overflow" if refusal.sqlstate in _OVERFLOW_STATES else "bad_value"
-                diag = refusal.diag
-                detail = "; ".join(
-                    part
-                    for part in (diag.message_primary, diag.message_detail, diag.context)
-                    if part
-                )
-                dead.append(
-                    DeadLetter(
-                        org,
-                        by_origin[(origin.topic, origin.partition, origin.offset)],
-                        reason,
-                        f"{origin.topic} partition {origin.partition} offset {origin.offset}: "
-                        f"staging refused a value ({refusal.sqlstate}): {detail}",
-                    )
-                )
+            dead += [_refused(org, event, error, by_origin) for event, error in refused]
             counts = report.per_entity[(org, entity)]
             counts[0] += len(events) - len(refused)
             counts[1] += result.applied
@@ -279,7 +277,7 @@ class Projector:
         outcomes = self._outcomes(messages, org_of, dead)  # step 4
         tripped = [org for org, seen in outcomes.items() if self._would_trip(org, seen)]
         if tripped:
-            await self._trip(tripped, messages, org_of, dead, known, isolating=False)
+            await self._trip(tripped, messages, org_of, dead, known)
         if self._breaker is not None:
             for org, seen in outcomes.items():
                 self._breaker.add(org, seen)
@@ -321,9 +319,18 @@ class Projector:
         org_of: Sequence[str | None],
         dead: Sequence[DeadLetter],
         known: Mapping[str, str],
-        *,
-        isolating: bool,
     ) -> NoReturn:
+        await self._stop(self._trip_stops(orgs, messages, org_of, dead), known)
+
+    def _trip_stops(
+        self,
+        orgs: Sequence[str],
+        messages: Sequence[RawMessage],
+        org_of: Sequence[str | None],
+        dead: Sequence[DeadLetter],
+    ) -> list[Stop]:
+        if not orgs:
+            return []
         assert self._breaker is not None
         outcomes = self._outcomes(messages, org_of, dead)
         stops = []
@@ -334,13 +341,12 @@ class Projector:
             example = next((d.detail for d in dead if d.org == org), "")
             detail = (
                 f"more than {self._breaker.ratio:.0%} of the org's latest events failed "
-                f"(window {failed} of {events} before this batch; this batch: "
-                f"{sum(batch)} of {len(batch)} failed"
-                + (", and staging refused values of it" if isolating else "")
-                + f"; reasons {dict(reasons.most_common())}); e.g. {example[:500]}"
+                f"(before this batch {failed} of {events}; in this batch at least "
+                f"{sum(batch)} of {len(batch)}; reasons {dict(reasons.most_common())}); "
+                f"e.g. {example[:500]}"
             )
             stops.append(Stop(org, None, ERROR_RATE_EXCEEDED, detail))
-        await self._stop(stops, known)
+        return stops
 
     async def _stop(self, stops: Sequence[Stop], known: Mapping[str, str]) -> NoReturn:
         """Record the stops on each org's server, then raise :class:`ProjectionStopped`."""
@@ -410,10 +416,10 @@ class Projector:
                 )
                 refused.append((events[0], error))
                 if give_up(len(refused)):
-                    raise _GiveUp from None
+                    raise _GiveUp(refused) from None
                 return ApplyResult(), refused
             if give_up(len(refused) + 1):
-                raise _GiveUp from None
+                raise _GiveUp([*refused, (events[0], error)]) from None
         ordered = sorted(events, key=lambda e: e.position)
         middle = len(ordered) // 2
         total = ApplyResult()
@@ -469,3 +475,24 @@ class Projector:
                 """,
                 rows,
             )
+
+
+def _refused(
+    org: str,
+    event: ChangeEvent,
+    error: psycopg.Error,
+    messages: Mapping[tuple[str, int, int], RawMessage],
+) -> DeadLetter:
+    """The dead letter of an event staging refused: ``type_overflow`` or ``bad_value``."""
+    origin = event.origin
+    diag = error.diag
+    detail = "; ".join(
+        part for part in (diag.message_primary, diag.message_detail, diag.context) if part
+    )
+    return DeadLetter(
+        org,
+        messages[(origin.topic, origin.partition, origin.offset)],
+        "type_overflow" if error.sqlstate in _OVERFLOW_STATES else "bad_value",
+        f"{origin.topic} partition {origin.partition} offset {origin.offset}: "
+        f"staging refused a value ({error.sqlstate}): {detail}",
+    )

@@ -33,6 +33,7 @@ match is read again (:meth:`Staging.apply`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -88,9 +89,16 @@ _BINARY_COPY_TYPES = {
 
 
 class IncompatibleSchema(ProjectionError):
-    """A column changed type: the entity stops before writing anything."""
+    """A column changed type: the entity stops before writing anything.
+
+    ``conflicts``: (column, staging type, incoming type) of each such column.
+    """
 
     code = "incompatible_schema"
+
+    def __init__(self, message: str, conflicts: Sequence[tuple[str, str, str]]) -> None:
+        super().__init__(message)
+        self.conflicts = tuple(conflicts)
 
 
 def org_schema(org: str) -> str:
@@ -121,11 +129,23 @@ class ApplyResult:
 class _EntityState:
     columns: dict[str, str] = field(default_factory=dict)  # name → pg type, as the table has it
     keys: tuple[str, ...] = ()
+    #: column → incoming types an operator accepted (``fieldsync org resume`` after a type
+    #: change): values of those types are cast to the column's type instead of stopping
+    accepted: dict[str, set[str]] = field(default_factory=dict)
+
+
+#: Incoming column types accepted after a type change, per org, entity and column.
+ACCEPTED_TYPES = "fieldsync_control.accepted_types"
 
 
 #: What may go wrong when the cached state of an org no longer describes its tables (a replay
-#: swapped another schema in under the same name, see ``engine/projections/replay.py``).
-_STALE_STATE = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn)
+#: swapped another schema in under the same name, see ``engine/projections/replay.py``; an
+#: operator altered a column's type).
+_STALE_STATE = (
+    psycopg.errors.UndefinedTable,
+    psycopg.errors.UndefinedColumn,
+    psycopg.errors.DatatypeMismatch,
+)
 
 
 class Staging:
@@ -163,9 +183,12 @@ class Staging:
         if org in self._orgs:
             return
         schema = sql.Identifier(self._schema(org))
-        # workers meeting a new org at once would race on IF NOT EXISTS: serialise them
+        # workers meeting a new org at once would race on IF NOT EXISTS: serialise them, and
+        # take a schema another writer created after all as created (a savepoint: the rest of
+        # this transaction goes on)
         self._lock_ddl(self._schema(org))
-        self.conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+        with contextlib.suppress(psycopg.errors.UniqueViolation), self.conn.transaction():
+            self.conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
         self.conn.execute(
             sql.SQL(
                 """
@@ -213,15 +236,33 @@ class Staging:
                 ),
                 (entity,),
             ).fetchone()
+            accepted: dict[str, set[str]] = {}
+            found = self.conn.execute("SELECT to_regclass(%s)", (ACCEPTED_TYPES,)).fetchone()
+            if found is not None and found[0] is not None:
+                for column, pg_type in self.conn.execute(
+                    "SELECT column_name, pg_type FROM fieldsync_control.accepted_types"
+                    " WHERE org = %s AND entity = %s",
+                    (org, entity),
+                ):
+                    accepted.setdefault(column, set()).add(pg_type)
             state = _EntityState(
                 {name: pg_type for name, pg_type in rows if name not in SYSTEM_COLUMNS},
                 tuple(keys[0]) if keys else (),
+                accepted,
             )
             self._entities[(org, entity)] = state
         return state
 
-    def ensure_entity(self, org: str, entity: str, shape: EntityShape) -> _EntityState:
-        """Create the table, log and watermark row, or add the shape's new columns."""
+    def ensure_entity(
+        self,
+        org: str,
+        entity: str,
+        shape: EntityShape,
+        shapes: Sequence[EntityShape] = (),
+    ) -> _EntityState:
+        """Create the table, log and watermark row, or add the shape's new columns; raise
+        :class:`IncompatibleSchema` where ``shape`` or one of ``shapes`` (those the batch's
+        events came with) types a column otherwise than the table, unaccepted."""
         self.ensure_org(org)
         state = self._state(org, entity)
         schema = sql.Identifier(self._schema(org))
@@ -284,7 +325,7 @@ class Staging:
             )
             self._entities.pop((org, entity), None)
             state = self._state(org, entity)
-        conflict = _type_conflict(org, entity, state, shape)
+        conflict = _type_conflict(org, entity, state, [shape, *shapes])
         if conflict is not None:
             raise conflict
         for column in shape.columns:
@@ -303,8 +344,8 @@ class Staging:
         """The :class:`IncompatibleSchema` :meth:`apply` would raise for these events, found
         by reading the catalog only (nothing is written). A conflict with the cached table
         state is checked again against the catalog: an operator may have altered the column."""
-        shape = _merge_shapes([e.shape for e in events if e.op != "t"])
-        if shape is None:
+        shapes = _distinct_shapes(events)
+        if not shapes:
             return None
         conflict: IncompatibleSchema | None = None
         for _attempt in range(2):
@@ -319,7 +360,7 @@ class Staging:
             except _STALE_STATE:
                 self.forget(org)
                 continue
-            conflict = _type_conflict(org, entity, state, shape)
+            conflict = _type_conflict(org, entity, state, shapes)
             if conflict is None:
                 return None
             self.forget(org)
@@ -352,13 +393,20 @@ class Staging:
             return result
         with self.conn.transaction():
             schema = sql.Identifier(self._schema(org))
-            shape = _merge_shapes([e.shape for e in events if e.op != "t"]) or None
+            shapes = _distinct_shapes(events)
+            shape = _merge_shapes(shapes)
             if shape is not None:
-                state = self.ensure_entity(org, entity, shape)
+                state = self.ensure_entity(org, entity, shape, shapes)
             else:
                 self.ensure_org(org)
                 state = self._state(org, entity)
-                if not state.columns:  # a truncate of an entity never seen: nothing to do
+                keyed = next((e.shape for e in events if e.shape.key_names), None)
+                if not state.columns and keyed is not None:
+                    # a truncate of an entity never seen, that names its columns (ours do):
+                    # create the entity, so that the truncate's position is kept and changes
+                    # older than it, arriving later (from another partition), stay skipped
+                    state = self.ensure_entity(org, entity, keyed)
+                elif not state.columns:  # nothing to create it from: nothing to do
                     result.duplicates = len(events)
                     return result
             # step 1: serialise writers of this entity
@@ -464,13 +512,14 @@ class Staging:
         count = cursor.rowcount
         return count, watermark + count
 
-    def _temp_table(self, state: _EntityState, shape: EntityShape) -> str:
-        digest = hashlib.sha1(repr(shape.columns).encode(), usedforsecurity=False).hexdigest()[:12]
+    def _temp_table(self, transport: Sequence[tuple[str, str]]) -> str:
+        """The temporary input table with these (column, copy type)."""
+        digest = hashlib.sha1(repr(transport).encode(), usedforsecurity=False).hexdigest()[:12]
         name = f"_fs_in_{digest}"
         if name not in self._temp_tables:
             columns = sql.SQL(", ").join(
-                sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(_copy_type(c.pg_type)))
-                for c in shape.columns
+                sql.SQL("{} {}").format(sql.Identifier(column), sql.SQL(copy_type))
+                for column, copy_type in transport
             )
             self.conn.execute(
                 sql.SQL(
@@ -497,7 +546,19 @@ class Staging:
         """Steps 4 and 5; returns (events newer than staging, rows written with a new version)."""
         if not events or shape is None:
             return 0, 0
-        temp = self._temp_table(state, shape)
+        # a column some event types otherwise than the table (a type change the operator
+        # accepted, or two schema versions in one batch) travels as text, cast in SQL
+        target = {c.name: c.pg_type for c in shape.columns} | state.columns
+        as_text = {
+            c.name
+            for event_shape in _distinct_shapes(events)
+            for c in event_shape.columns
+            if not _same_type(target[c.name], c.pg_type)
+        }
+        transport = [
+            (c.name, "text" if c.name in as_text else _copy_type(c.pg_type)) for c in shape.columns
+        ]
+        temp = self._temp_table(transport)
         names = [c.name for c in shape.columns]
         copy_columns = [
             *names,
@@ -508,7 +569,7 @@ class Staging:
             "_fs_changed_at",
             "_fs_epoch",
         ]
-        types = [_copy_type(c.pg_type) for c in shape.columns] + [
+        types = [copy_type for _, copy_type in transport] + [
             "text",
             "text[]",
             "int8",
@@ -536,6 +597,8 @@ class Staging:
                     if value is UNAVAILABLE:
                         unavailable.append(column.name)
                         value = None
+                    elif value is not None and column.name in as_text:
+                        value = _as_text(value)
                     elif (
                         value is not None
                         and _copy_type(column.pg_type) == "text"
@@ -588,11 +651,19 @@ class Staging:
         def cast(c: ColumnSpec) -> sql.Composed:
             return sql.SQL("f.{}").format(sql.Identifier(c.name))
 
-        typed = sql.SQL(", ").join(
-            sql.SQL("{0}::{1} AS {0}").format(
+        def typed(c: ColumnSpec) -> sql.Composed:
+            return sql.SQL("{0}::{1} AS {0}").format(
                 sql.Identifier(c.name), sql.SQL(state.columns.get(c.name, c.pg_type))
             )
-            for c in shape.columns
+
+        # keys are cast at once (they are compared with the table's); the other values only
+        # for the changes that are newer: a duplicate's value never fails a cast (one from
+        # before a type change an operator accepted, redelivered after it was applied)
+        incoming_columns = sql.SQL(", ").join(
+            typed(c) if c.is_key else sql.Identifier(c.name) for c in shape.columns
+        )
+        fresh_columns = sql.SQL(", ").join(
+            sql.Identifier(c.name) if c.is_key else typed(c) for c in shape.columns
         )
         sets = sql.SQL(", ").join(
             sql.SQL(
@@ -616,8 +687,8 @@ class Staging:
         statement = sql.SQL(
             """
             WITH incoming AS (
-                SELECT {typed}, _fs_op, _fs_unavailable, _fs_commit_lsn, _fs_lsn, _fs_changed_at,
-                       _fs_epoch
+                SELECT {incoming_columns}, _fs_op, _fs_unavailable, _fs_commit_lsn, _fs_lsn,
+                       _fs_changed_at, _fs_epoch
                 FROM {temp}
             ), cur AS (
                 SELECT t.* FROM {schema}.{table} t
@@ -635,7 +706,8 @@ class Staging:
                 SELECT DISTINCT ON ({key_list}) * FROM newer
                 ORDER BY {key_list}, _fs_commit_lsn DESC, _fs_lsn DESC
             ), fresh AS (
-                SELECT *,
+                SELECT {fresh_columns}, _fs_op, _fs_unavailable, _fs_commit_lsn, _fs_lsn,
+                       _fs_changed_at, _fs_epoch, _existed,
                        %(wm)s + row_number() OVER (ORDER BY _fs_commit_lsn, _fs_lsn) AS _new_version
                 FROM newest
             ), updated AS (
@@ -675,7 +747,8 @@ class Staging:
             log=log,
             temp=sql.Identifier(temp),
             sets=sets,
-            typed=typed,
+            incoming_columns=incoming_columns,
+            fresh_columns=fresh_columns,
             first_key=keys[0],
             key_list=sql.SQL(", ").join(keys),
             insert_columns=insert_columns,
@@ -702,17 +775,58 @@ class Staging:
 
 
 def _type_conflict(
-    org: str, entity: str, state: _EntityState, shape: EntityShape
+    org: str, entity: str, state: _EntityState, shapes: Sequence[EntityShape]
 ) -> IncompatibleSchema | None:
-    for column in shape.columns:
-        existing = state.columns.get(column.name)
-        if existing is not None and not _same_type(existing, column.pg_type):
-            return IncompatibleSchema(
-                f"org {org}, entity {entity}: column {column.name} changed type from "
-                f"{existing} to {column.pg_type}; make staging match (a replay into a new "
-                f"schema, or ALTER TABLE), then: fieldsync org resume {org} --entity {entity}"
-            )
-    return None
+    conflicts: dict[str, tuple[str, str, str]] = {}
+    for shape in shapes:
+        for column in shape.columns:
+            existing = state.columns.get(column.name)
+            if (
+                existing is not None
+                and column.name not in conflicts
+                and not _same_type(existing, column.pg_type)
+                and not any(
+                    _same_type(t, column.pg_type) for t in state.accepted.get(column.name, ())
+                )
+            ):
+                conflicts[column.name] = (column.name, existing, column.pg_type)
+    if not conflicts:
+        return None
+    changes = ", ".join(
+        f"column {column} changed type from {old} to {new}"
+        for column, old, new in conflicts.values()
+    )
+    return IncompatibleSchema(
+        f"org {org}, entity {entity}: {changes}; make staging match (ALTER TABLE, or a replay "
+        f"into a new schema), then: fieldsync org resume {org} --entity {entity}",
+        list(conflicts.values()),
+    )
+
+
+def _distinct_shapes(events: Sequence[ChangeEvent]) -> list[EntityShape]:
+    """The shapes of the events that carry rows, each once, oldest first."""
+    seen: dict[int, EntityShape] = {}
+    for event in sorted(events, key=lambda e: e.position):
+        if event.op != "t" and id(event.shape) not in seen:
+            seen[id(event.shape)] = event.shape
+    return list(seen.values())
+
+
+def _as_text(value: Any) -> str:
+    """A value as PostgreSQL's text input of its type reads it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "\\x" + bytes(value).hex()
+    if isinstance(value, list):
+        items = (
+            "NULL"
+            if item is None
+            else '"' + _as_text(item).replace("\\", "\\\\").replace('"', '\\"') + '"'
+            for item in value
+        )
+        return "{" + ",".join(items) + "}"
+    return str(value)
 
 
 def _same_type(existing: str, incoming: str) -> bool:
@@ -748,7 +862,8 @@ def _carry_unavailable(events: Sequence[ChangeEvent]) -> list[ChangeEvent]:
 
 
 def _merge_shapes(shapes: Sequence[EntityShape]) -> EntityShape | None:
-    """The union of the batch's shapes, columns in first-seen order (newest type wins)."""
+    """The union of the batch's shapes (oldest first), columns in first-seen order (newest
+    type wins)."""
     if not shapes:
         return None
     merged: dict[str, ColumnSpec] = {}

@@ -7,7 +7,10 @@ Two causes stop consumption instead of dead-lettering:
   Something is wrong upstream (a producer writing garbage, a schema never published); sending
   everything to the dead-letter topic would only move the problem.
 * ``incompatible_schema`` (one entity): a column changed type; staging needs a replay or an
-  ``ALTER TABLE`` before that entity can go on.
+  ``ALTER TABLE`` before that entity can go on. Resuming it accepts both types of each
+  conflicting column from then on (``fieldsync_control.accepted_types``): values of either
+  are cast to the column's type, so changes written before the type change, redelivered after
+  the fix, apply too (one that does not cast is dead-lettered as ``bad_value``).
 
 A stop is a row of ``fieldsync_control.stopped`` on the org's staging server. The batch that
 caused it is not acknowledged, and every projector worker drops the org's (or entity's) topics
@@ -20,13 +23,15 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 
+from engine.control import run_control_ddl
 from engine.projections.exceptions import ProjectionError
 from engine.runtime.placement import StagingServers
 
@@ -40,10 +45,18 @@ CREATE TABLE IF NOT EXISTS fieldsync_control.stopped (
     entity text,
     code text NOT NULL,
     detail text NOT NULL,
+    conflicts jsonb NOT NULL DEFAULT '[]',
     since timestamptz NOT NULL DEFAULT now()
 );
 CREATE UNIQUE INDEX IF NOT EXISTS stopped_org_entity
     ON fieldsync_control.stopped (org, (coalesce(entity, '')));
+CREATE TABLE IF NOT EXISTS fieldsync_control.accepted_types (
+    org text NOT NULL,
+    entity text NOT NULL,
+    column_name text NOT NULL,
+    pg_type text NOT NULL,
+    PRIMARY KEY (org, entity, column_name, pg_type)
+);
 CREATE TABLE IF NOT EXISTS fieldsync_control.breaker_pauses (
     org text PRIMARY KEY,
     until timestamptz NOT NULL
@@ -53,13 +66,15 @@ CREATE TABLE IF NOT EXISTS fieldsync_control.breaker_pauses (
 
 @dataclass(frozen=True, slots=True)
 class Stop:
-    """``entity`` None: the whole org is stopped."""
+    """``entity`` None: the whole org is stopped. ``conflicts``: (column, staging type,
+    incoming type) of an ``incompatible_schema`` stop."""
 
     org: str
     entity: str | None
     code: str
     detail: str
     since: datetime | None = None
+    conflicts: tuple[tuple[str, str, str], ...] = ()
 
     def covers(self, org: str, entity: str) -> bool:
         return self.org == org and (self.entity is None or self.entity == entity)
@@ -75,6 +90,9 @@ class Stop:
             "code": self.code,
             "detail": self.detail,
             "since": self.since.isoformat() if self.since else None,
+            "conflicts": [
+                {"column": c, "staging_type": a, "incoming_type": b} for c, a, b in self.conflicts
+            ],
         }
 
 
@@ -93,12 +111,12 @@ def record_stop(conn: psycopg.Connection[Any], stop: Stop) -> None:
     """Insert or refresh the stop (the first ``since`` stays)."""
     conn.execute(
         """
-        INSERT INTO fieldsync_control.stopped AS s (org, entity, code, detail)
-        VALUES (%s, %s, %s, %s)
+        INSERT INTO fieldsync_control.stopped AS s (org, entity, code, detail, conflicts)
+        VALUES (%s, %s, %s, %s, %s)
         ON CONFLICT (org, (coalesce(entity, ''))) DO UPDATE
-            SET code = EXCLUDED.code, detail = EXCLUDED.detail
+            SET code = EXCLUDED.code, detail = EXCLUDED.detail, conflicts = EXCLUDED.conflicts
         """,
-        (stop.org, stop.entity, stop.code, stop.detail[:4000]),
+        (stop.org, stop.entity, stop.code, stop.detail[:4000], Jsonb(stop.conflicts)),
     )
 
 
@@ -108,29 +126,52 @@ def read_stops(conn: psycopg.Connection[Any], org: str | None = None) -> list[St
     if not exists or exists[0] is None:
         return []
     rows = conn.execute(
-        "SELECT org, entity, code, detail, since FROM fieldsync_control.stopped"
+        "SELECT org, entity, code, detail, since, conflicts FROM fieldsync_control.stopped"
         " WHERE %s::text IS NULL OR org = %s ORDER BY org, entity NULLS FIRST",
         (org, org),
     ).fetchall()
-    return [Stop(*row) for row in rows]
+    return [_stop(row) for row in rows]
+
+
+def _stop(row: Sequence[Any]) -> Stop:
+    org, entity, code, detail, since, conflicts = row
+    return Stop(org, entity, code, detail, since, tuple(tuple(c) for c in conflicts or ()))
 
 
 def resume(conn: psycopg.Connection[Any], org: str, entity: str | None = None) -> list[Stop]:
-    """Delete the org's stops (all of them, or the one of ``entity``); returns what was deleted.
-    ``entity`` does not clear a stop of the whole org."""
-    conn.execute(STOPS_DDL)
-    rows = conn.execute(
-        "DELETE FROM fieldsync_control.stopped WHERE org = %s AND (%s::text IS NULL OR entity = %s)"
-        " RETURNING org, entity, code, detail, since",
-        (org, entity, entity),
-    ).fetchall()
-    return [Stop(*row) for row in rows]
+    """Delete the org's stops (all of them, or the one of ``entity``) and accept the types of
+    their conflicting columns; returns the stops deleted. ``entity`` does not clear a stop of
+    the whole org."""
+    run_control_ddl(conn, STOPS_DDL)
+    with conn.transaction():
+        stops = [
+            _stop(row)
+            for row in conn.execute(
+                "DELETE FROM fieldsync_control.stopped"
+                " WHERE org = %s AND (%s::text IS NULL OR entity = %s)"
+                " RETURNING org, entity, code, detail, since, conflicts",
+                (org, entity, entity),
+            ).fetchall()
+        ]
+        accepted = [
+            (stop.org, stop.entity, column, pg_type)
+            for stop in stops
+            for column, *types in stop.conflicts
+            for pg_type in types
+        ]
+        if accepted:
+            conn.cursor().executemany(
+                "INSERT INTO fieldsync_control.accepted_types (org, entity, column_name, pg_type)"
+                " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                accepted,
+            )
+    return stops
 
 
 def pause_breaker(conn: psycopg.Connection[Any], org: str, seconds: float) -> None:
     """Let the org's failures go to the dead-letter topic for ``seconds`` instead of stopping
     it (for messages that no fix will make readable)."""
-    conn.execute(STOPS_DDL)
+    run_control_ddl(conn, STOPS_DDL)
     conn.execute(
         """
         INSERT INTO fieldsync_control.breaker_pauses (org, until)

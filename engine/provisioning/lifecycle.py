@@ -23,6 +23,7 @@ import psycopg
 from psycopg import sql
 
 from engine.config import Settings
+from engine.control import run_control_ddl
 from engine.projections.app import register_org
 from engine.projections.projector import COUNTS_DDL
 from engine.projections.staging import org_schema
@@ -59,10 +60,7 @@ class OrgLifecycle:
 
 
 def ensure_lifecycle_schema(conn: psycopg.Connection[Any]) -> None:
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('fieldsync_control.lifecycle'))")
-        conn.execute(COUNTS_DDL)
-        conn.execute(LIFECYCLE_DDL)
+    run_control_ddl(conn, COUNTS_DDL, LIFECYCLE_DDL)
 
 
 def read_lifecycle(conn: psycopg.Connection[Any], org: str | None = None) -> list[OrgLifecycle]:
@@ -217,6 +215,10 @@ class Provisioner:
                 "DELETE FROM fieldsync_control.stopped WHERE org = %s AND entity = %s",
                 (org, entity),
             )
+            conn.execute(
+                "DELETE FROM fieldsync_control.accepted_types WHERE org = %s AND entity = %s",
+                (org, entity),
+            )
 
     def _offline(
         self, conn: psycopg.Connection[Any], org: str, spec: OrgSpec, removed: set[str]
@@ -257,6 +259,7 @@ class Provisioner:
             conn.execute("DELETE FROM fieldsync_control.projection_counts WHERE org = %s", (org,))
             conn.execute(COUNTS_DDL)  # the control tables of an older version lack `stopped`
             conn.execute("DELETE FROM fieldsync_control.stopped WHERE org = %s", (org,))
+            conn.execute("DELETE FROM fieldsync_control.accepted_types WHERE org = %s", (org,))
             conn.execute("DELETE FROM fieldsync_control.breaker_pauses WHERE org = %s", (org,))
             conn.execute("DELETE FROM fieldsync_control.orgs WHERE org = %s", (org,))
         mark("snapshots")
