@@ -48,7 +48,8 @@ KINDS = (
 TOTAL = POISON_EVERY * len(KINDS)
 KEYS = 6_000  # per entity
 MAX_BYTES = 65_536
-LAG_LIMIT = 2_500  # produced but not yet consumed: keeps a poison's wait in the queue short
+QUEUE_S = 1.5  # produced, not yet consumed: at most what the projector consumes in this time
+CHUNK = 250
 DEAD_LETTER_WITHIN_MS = 5_000
 
 
@@ -142,13 +143,20 @@ def test_poison_messages_reach_the_dead_letter_topic_and_healthy_traffic_flows(
     try:
         futures = []
         started = time.monotonic()
-        consumed = 0
-        for start in range(0, TOTAL, 500):
-            while start - consumed > LAG_LIMIT:  # paced by the projector's progress
+        progress = [(started, 0)]  # (when, consumed): the projector's recent rate paces us
+        for start in range(0, TOTAL, CHUNK):
+            while True:
+                now, consumed = progress[-1]
+                then, before = next(p for p in progress if p[0] >= now - 3 or p is progress[-1])
+                rate = (consumed - before) / (now - then) if now > then else 0.0
+                if start - consumed <= min(2_500, max(CHUNK, rate * QUEUE_S)):
+                    break
                 time.sleep(0.05)
-                consumed = sum(c[0] for c in counts(fresh_database).values())
+                progress.append(
+                    (time.monotonic(), sum(c[0] for c in counts(fresh_database).values()))
+                )
                 assert worker.poll() is None, log.read_text()[-3000:]
-            for message in outgoing[start : start + 500]:
+            for message in outgoing[start : start + CHUNK]:
                 future = writer.send(message.topic, message.key, message.value)
                 if message.kind is not None:
                     futures.append((message.kind, future))
