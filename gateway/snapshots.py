@@ -25,6 +25,7 @@ from anyio import to_thread
 from fastapi import APIRouter, Depends, Header, Query
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
 from engine.config import Settings
 from engine.snapshots.exceptions import SnapshotNotFound
@@ -127,6 +128,21 @@ class SnapshotService:
         return encode(token, self.sync.secret)
 
 
+def _bad_range(range_header: str, size: int) -> Response | None:
+    """Starlette's verdict on a ``Range`` header as our error body (it answers in plain text)."""
+    try:
+        FileResponse._parse_range_header(range_header, size)
+    except MalformedRangeHeader as error:
+        return SnapshotRefused(400, "bad_range", f"Range: {error.content}").response()
+    except RangeNotSatisfiable:
+        response = SnapshotRefused(
+            416, "range_not_satisfiable", f"Range: the file has {size} bytes"
+        ).response()
+        response.headers["content-range"] = f"bytes */{size}"
+        return response
+    return None
+
+
 def _matches(if_none_match: str, sha256: str) -> bool:
     tags = [t.strip() for t in if_none_match.split(",")]
     return any(t == "*" or t.removeprefix("W/").strip('"') == sha256 for t in tags)
@@ -166,6 +182,7 @@ def snapshot_router(
             200: {"description": "the Avro file", "content": {AVRO_MEDIA_TYPE: {}}},
             206: {"description": "the rest of the file (Range)", "content": {AVRO_MEDIA_TYPE: {}}},
             304: {"description": "unchanged (If-None-Match)"},
+            416: {"description": "range_not_satisfiable", "content": {"application/json": {}}},
         },
     )
     async def snapshot_file(
@@ -197,6 +214,10 @@ def snapshot_router(
                 ).response()
             if range_header is None:
                 METRICS.rows_served.labels("snapshot").inc(manifest.rows)
+            else:
+                bad = _bad_range(range_header, stat.st_size)
+                if bad is not None:
+                    return bad
             return FileResponse(path, media_type=AVRO_MEDIA_TYPE, headers=headers, stat_result=stat)
         # a remote store: streamed without Range support
         handle = await to_thread.run_sync(store.open, org, entity, manifest.id)
