@@ -338,11 +338,33 @@ def delta_page(
         )
     # keys that changes of a parent entity point at (related rules)
     for parent in rule.parents:
+        # and keys of parent rows a moving time window carried in or out of the parent's view
+        rule.compiled.windows.clear()
+        rule._rules(  # compiles the parent's window atoms over alias p
+            parent, [i for i in rule.view.items[parent] if i.distribution != "related"], "p",
+            "new", True,
+        )  # fmt: skip
+        parent_moved = sql.SQL(" OR ").join(
+            sql.SQL("({} IS DISTINCT FROM {})").format(a, b) for a, b in rule.compiled.windows
+        )
         for item in rule.view.items[meta.entity]:
             if item.related is None or item.related.entity != parent:
                 continue
             (key,) = meta.keys
             column = sql.Literal(item.related.column)
+            if rule.compiled.windows:
+                candidates.append(
+                    sql.SQL(
+                        "SELECT jsonb_build_object({key}, to_jsonb(p.{column})) FROM {schema}.{p}"
+                        " p WHERE NOT p._fs_deleted AND p.{column} IS NOT NULL AND ({moved})"
+                    ).format(
+                        key=sql.Literal(key),
+                        column=sql.Identifier(item.related.column),
+                        schema=schema,
+                        p=sql.Identifier(parent),
+                        moved=parent_moved,
+                    )
+                )
             candidates.append(
                 sql.SQL(
                     "SELECT jsonb_build_object({key}, img -> {column}) FROM {schema}.{plog} l,"

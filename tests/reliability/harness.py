@@ -264,11 +264,15 @@ class Pipeline:
         org: str,
         projector_env_extra: Mapping[str, str] | None = None,
         page_rows: int = 200,
+        tables: Mapping[str, str] = TABLES,
+        gateway: bool = True,
     ) -> None:
-        self.tmp, self.org = tmp, org
+        """``tables``: entity → source table; ``gateway=False``: no gateway process (nor
+        offline configuration)."""
+        self.tmp, self.org, self.tables, self.with_gateway = tmp, org, dict(tables), gateway
         self.source_dsn, self.staging_dsn, self.bootstrap = source_dsn, staging_dsn, bootstrap
         self.org_file = tmp / "org.yaml"
-        entities = "".join(f"  {e}: {t}\n" for e, t in TABLES.items())
+        entities = "".join(f"  {e}: {t}\n" for e, t in self.tables.items())
         self.org_file.write_text(f"org: {org}\nsource_dsn: '{source_dsn}'\nentities:\n{entities}")
         self.gateway_port = free_port()
         self.url = f"http://127.0.0.1:{self.gateway_port}"
@@ -295,10 +299,12 @@ class Pipeline:
             bootstrap,
             staging_dsn,
             FIELDSYNC_DATA_DIR=str(tmp / "data"),
-            FIELDSYNC_BROKER_REBALANCE_TIMEOUT_S="3",
-            FIELDSYNC_BROKER_SESSION_TIMEOUT_S="6",
-            FIELDSYNC_PROJECTOR_BATCH_SIZE="1000",
-            **dict(projector_env_extra or {}),
+            **{
+                "FIELDSYNC_BROKER_REBALANCE_TIMEOUT_S": "3",
+                "FIELDSYNC_BROKER_SESSION_TIMEOUT_S": "6",
+                "FIELDSYNC_PROJECTOR_BATCH_SIZE": "1000",
+                **dict(projector_env_extra or {}),
+            },
         )
         self.projectors = [self._projector(0)]
         self.gateway = Proc(
@@ -314,7 +320,7 @@ class Pipeline:
             },
             tmp / "gateway.log",
         )
-        self.oracle = Oracle(source_dsn, staging_dsn, org, TABLES)
+        self.oracle = Oracle(source_dsn, staging_dsn, org, self.tables)
         self._supervising = True
         self.lock = threading.Lock()  # the supervisor and a scenario never restart at once
 
@@ -328,7 +334,7 @@ class Pipeline:
 
     @property
     def processes(self) -> list[Proc]:
-        return [self.capture, *self.projectors, self.gateway]
+        return [self.capture, *self.projectors, *([self.gateway] if self.with_gateway else [])]
 
     def by_name(self, name: str) -> Proc:
         return next(p for p in self.processes if p.name == name)
@@ -336,6 +342,8 @@ class Pipeline:
     def register(self) -> None:
         """The org known to the projector, the gateway's control tables and offline config."""
         register_org(self.staging_dsn, self.org)
+        if not self.with_gateway:
+            return
         with psycopg.connect(self.staging_dsn, autocommit=True) as conn:
             ensure_schema(conn)
             put_config(conn, self.org, dict(OFFLINE), pending=True)
@@ -344,7 +352,8 @@ class Pipeline:
         self.register()
         for process in self.processes:
             process.start()
-        self.wait_gateway_ready(60)
+        if self.with_gateway:
+            self.wait_gateway_ready(60)
 
     def add_projector(self) -> Proc:
         process = self._projector(len(self.projectors))
