@@ -13,10 +13,15 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import hypothesis
 import psycopg
 import pytest
 
 from engine.runtime.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+
+# tests assert behaviour, not timings: a loaded CI machine must not fail a property on a deadline
+hypothesis.settings.register_profile("fieldsync", deadline=None)
+hypothesis.settings.load_profile("fieldsync")
 
 
 @pytest.fixture(scope="session")
