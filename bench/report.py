@@ -2,9 +2,10 @@
 
 latest.json keeps every record (samples included) with the machine it ran on, for tools;
 latest.md is the table a reader scans (no samples); the plots show each benchmark's ratios
-against its same-run baselines with the target marked, and the distribution of any record
-carrying ``samples``. Plots use matplotlib's Agg canvas directly, so no display and no global
-pyplot state are involved.
+against its same-run baselines with the target marked, the distribution of any record
+carrying ``samples``, and, for throughput records listing their pipeline's stages
+(``details.stages_per_s``), each stage's rate next to the others of the same run. Plots use
+matplotlib's Agg canvas directly, so no display and no global pyplot state are involved.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import psutil
 from bench.harness import RunSummary
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-_PLOT_PREFIXES = ("bench-", "samples-")
+_PLOT_PREFIXES = ("bench-", "samples-", "stages-")
 _MAX_VALUE_PANELS = 8
 
 
@@ -192,7 +193,21 @@ def write_plots(records: Sequence[dict[str, Any]], results_dir: Path) -> list[Pa
     for record in measured:
         if record.get("samples"):
             paths.append(_samples_chart(record, results_dir))
+    staged = [r for r in measured if r.get("baseline") and _stages(r)]
+    for bench in dict.fromkeys(r["bench"] for r in staged):
+        paths.append(_stages_chart(bench, [r for r in staged if r["bench"] == bench], results_dir))
     return paths
+
+
+def _stages(record: dict[str, Any]) -> dict[str, float]:
+    stages = (record.get("details") or {}).get("stages_per_s")
+    if not isinstance(stages, dict):
+        return {}
+    return {
+        str(k): float(v)
+        for k, v in stages.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 def _new_figure(width: float, height: float) -> Any:
@@ -317,3 +332,24 @@ def _samples_chart(record: dict[str, Any], results_dir: Path) -> Path:
         cdf_ax.legend(loc="lower right", fontsize="small")
     name = f"samples-{_slug(record['bench'])}-{_slug(record['metric'])}.png"
     return _save(figure, results_dir / name)
+
+
+def _stages_chart(bench: str, records: list[dict[str, Any]], results_dir: Path) -> Path:
+    """Grouped bars: per throughput record, the rate of each stage of its pipeline (the first
+    stage offers what the next ones can at most pass on)."""
+    names = list(dict.fromkeys(stage for r in records for stage in _stages(r)))
+    figure = _new_figure(max(6.0, 1.4 * len(records) * max(1, len(names)) / 3 + 2), 4.5)
+    ax = figure.subplots()
+    width = 0.8 / max(1, len(names))
+    xs = list(range(len(records)))
+    for i, stage in enumerate(names):
+        values = [_stages(r).get(stage, 0.0) for r in records]
+        bars = ax.bar([x - 0.4 + (i + 0.5) * width for x in xs], values, width, label=stage)
+        ax.bar_label(bars, labels=[_number(v) for v in values], fontsize="x-small", rotation=90)
+    ax.set_xticks(xs, [r["metric"] for r in records], fontsize="small")
+    ax.set_ylabel(records[0]["unit"])
+    top = max((v for r in records for v in _stages(r).values()), default=1.0)
+    ax.set_ylim(0, top * 1.25 if top > 0 else 1)
+    ax.set_title(f"{bench}: rate of each stage (same run)")
+    ax.legend(loc="upper left", fontsize="small", ncols=len(names))
+    return _save(figure, results_dir / f"stages-{_slug(bench)}.png")
