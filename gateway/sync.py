@@ -309,9 +309,13 @@ class SyncService:
             params[f"rw_{parent}_new"] = token.at.parents[parent]
         while True:
             with self.pools.connection(ctx.org) as conn:
-                page = bootstrap_page(
-                    conn, rule, token.at.watermark, params, token.after, self.page_rows
-                )
+                # one snapshot: a row changed between reading the rows at the watermark and the
+                # changed rows' older images would otherwise come twice
+                conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+                with conn.transaction():
+                    page = bootstrap_page(
+                        conn, rule, token.at.watermark, params, token.after, self.page_rows
+                    )
             METRICS.rows_served.labels("bootstrap").inc(len(page.rows))
             if page.rows:
                 yield b"\n".join(page.rows) + b"\n"

@@ -99,8 +99,8 @@ def _job_row(rng: random.Random, key: int, base: datetime, accounts: int) -> tup
 
 @dataclass
 class Load:
-    """Inserts, updates and deletes of jobs and accounts at ``rate`` changes/s, in
-    transactions of 1-20 statements, until stopped."""
+    """Inserts, updates and deletes of jobs and accounts at ``rate`` row changes/s, in
+    transactions of 1-20 statements, until stopped (``spread``: rows a job update touches)."""
 
     dsn: str
     rate: float
@@ -108,6 +108,7 @@ class Load:
     accounts: int
     jobs: int
     seed: int = 2
+    spread: int = 1
     changes: int = 0
     errors: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -130,12 +131,12 @@ class Load:
         if roll < 0.40:
             cur.execute(
                 "UPDATE src.job SET status = %s, amount = %s, owner_id = coalesce(%s, owner_id)"
-                " WHERE id = %s",
+                " WHERE id = ANY(%s)",
                 (
                     "closed" if rng.random() < 0.2 else "open",
                     Decimal(rng.randint(0, 99_999)) / 100,
                     rng.choice(OWNERS) if rng.random() < 0.15 else None,
-                    rng.randint(1, self.jobs),
+                    [rng.randint(1, self.jobs) for _ in range(self.spread)],
                 ),
             )
         elif roll < 0.55:
@@ -177,10 +178,11 @@ class Load:
             try:
                 if conn is None or conn.closed:
                     conn = psycopg.connect(self.dsn, connect_timeout=3)
-                size = rng.randint(1, 20)
+                size = 0
                 with conn.transaction(), conn.cursor() as cur:
-                    for _ in range(size):
+                    for _ in range(rng.randint(1, 20)):
                         self._statement(rng, cur)
+                        size += max(cur.rowcount, 0)
                 self.changes += size
             except psycopg.OperationalError:  # a scenario cut the source: try again shortly
                 self.errors += 1
