@@ -99,6 +99,12 @@ class Settings(BaseSettings):
         gt=0,
         description="How often each projector worker purges below the horizon.",
     )
+    fault_point: str | None = Field(
+        default=None,
+        pattern=r"^[a-z_]+:[1-9][0-9]*$",
+        description="Testing only: the projector exits at <point>:<n> "
+        "(engine/projections/faults.py); unset in production.",
+    )
     projector_uvloop: bool = Field(
         default=True, description="Run the projector worker on uvloop (about 30% more events/s)."
     )

@@ -37,6 +37,7 @@ from kafka.admin import KafkaAdminClient
 from engine.config import Settings
 from engine.control import run_control_ddl
 from engine.logs import logging_config
+from engine.projections import faults
 from engine.projections.decoding import EventDecoder, TopicRouter
 from engine.projections.exceptions import SchemaUnavailable
 from engine.projections.metrics import METRICS
@@ -171,6 +172,7 @@ def register_org(
 
 
 def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> faust.App:
+    faults.arm(settings.fault_point)
     servers = StagingServers.from_settings(settings, staging_dsn)
     registry = OrgRegistry(servers)
     registry.refresh()
@@ -252,6 +254,9 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
         async for events in stream.take_events(  # type: ignore[attr-defined]
             settings.projector_batch_size, within=settings.projector_batch_within_s
         ):
+            if faults.armed("after_offset_commit"):  # the batches before this one: committed
+                await app.consumer.commit()
+                faults.reached("after_offset_commit")
             messages = [
                 RawMessage(
                     e.message.topic,
@@ -265,6 +270,7 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
             ]
             schema_tail.mark_batch()
             report = await _handle_until_done(projector, messages, app)
+            faults.reached("before_offset_commit")
             log.debug(
                 "batch of %d: applied %d, skipped %d, dead-lettered %d",
                 report.consumed,

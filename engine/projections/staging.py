@@ -42,7 +42,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from engine.projections import capture_epochs
+from engine.projections import capture_epochs, faults
 from engine.projections.exceptions import ProjectionError
 from engine.projections.model import UNAVAILABLE, ChangeEvent, ColumnSpec, EntityShape
 
@@ -452,6 +452,7 @@ class Staging:
                         "SELECT pg_notify(%s, %s)", (CHANGES_CHANNEL, f"{org}.{entity}:{watermark}")
                     )
             result.watermark = watermark
+            faults.reached("before_db_commit")
         return result
 
     def _truncate(
