@@ -28,14 +28,21 @@ def projector_env(bootstrap: str, staging_dsn: str, **extra: str) -> dict[str, s
     }
 
 
-def start_projector(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
+def start_worker(
+    command: str, env: dict[str, str], log: Path, *args: str
+) -> subprocess.Popen[bytes]:
+    """``fieldsync <command>`` as a process of its own, output appended to ``log``."""
     with log.open("ab") as out:
         return subprocess.Popen(
-            [str(Path(sys.executable).parent / "fieldsync"), "projector", *args],
+            [str(Path(sys.executable).parent / "fieldsync"), command, *args],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+
+
+def start_projector(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
+    return start_worker("projector", env, log, *args)
 
 
 def wait_until(

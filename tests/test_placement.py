@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -26,7 +25,7 @@ from engine.provisioning.lifecycle import ensure_lifecycle_schema, read_lifecycl
 from engine.provisioning.worker import publish
 from engine.runtime.placement import StagingServers
 from tests.gateway_helpers import JWT_SECRET, TOKEN_SECRET, mint, running_gateway
-from tests.projector_helpers import projector_env, start_projector, wait_until
+from tests.projector_helpers import projector_env, start_projector, start_worker, wait_until
 from tests.test_provisioning import document, source_tables
 
 
@@ -96,13 +95,7 @@ def test_orgs_are_spread_over_staging_servers_and_every_component_routes_by_plac
         FIELDSYNC_STAGING_SERVERS=servers_json,
     )
     log = tmp_path / "workers.log"
-    with log.open("ab") as out:
-        provisioner = subprocess.Popen(
-            [str(Path(sys.executable).parent / "fieldsync"), "provisioner"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    provisioner = start_worker("provisioner", env, log)
     projector = start_projector(env, log)
 
     def states() -> dict[str, str]:

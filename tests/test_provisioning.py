@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from engine.provisioning.worker import publish
 from engine.snapshots.build import build_snapshot
 from engine.snapshots.store import default_store
 from engine.streams.reader import read_all
-from tests.projector_helpers import projector_env, start_projector, wait_until
+from tests.projector_helpers import projector_env, start_projector, start_worker, wait_until
 
 OFFLINE = {
     "entities": {"job": {"owner_column": "owner_id"}, "site": {}},
@@ -135,13 +134,7 @@ def test_provision_update_decommission_and_nothing_left(
         [command_from_document("provision", document(fresh_database, org, entities))],
     )
     log = tmp_path / "workers.log"
-    with log.open("ab") as out:
-        provisioner = subprocess.Popen(
-            [str(Path(sys.executable).parent / "fieldsync"), "provisioner"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    provisioner = start_worker("provisioner", env, log)
     projector = start_projector(env, log)
     schema = f"org_{org}"
 
