@@ -76,7 +76,8 @@ def _load(dsn: str, done: threading.Event, rng: random.Random) -> None:
     done.set()
 
 
-@pytest.mark.slow
+# 20 kills under load: make chaos (make test kills each component in reliability/test_sigkill)
+@pytest.mark.chaos
 def test_sigkill_mid_batch_loses_nothing(
     fresh_database: str, bootstrap_servers: str, tmp_path: Path
 ) -> None:

@@ -70,7 +70,8 @@ def _consumed(dsn: str, org: str) -> int:
         return 0
 
 
-@pytest.mark.slow
+# 20 kills under load: make chaos (make test kills each component in reliability/test_sigkill)
+@pytest.mark.chaos
 def test_sigkill_projector_mid_batch(
     fresh_database: str, fresh_broker: str, tmp_path: Path
 ) -> None:
