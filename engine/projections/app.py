@@ -282,7 +282,11 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
     # faust's App.timer() is annotated as returning a bare Callable
     @app.timer(settings.projector_topic_refresh_s)  # type: ignore[untyped-decorator]
     async def refresh_topics() -> None:
-        await asyncio.to_thread(registry.refresh)
+        try:
+            await asyncio.to_thread(registry.refresh)
+        except psycopg.OperationalError as error:  # staging out of reach: keep what we know
+            log.warning("orgs not refreshed (%s); trying again at the next refresh", error)
+            return
         current, now_held = await asyncio.to_thread(registry.wanted_topics, bootstrap_servers)
         new = sorted(set(current) - set(subscribed))
         gone = sorted(set(subscribed) - set(current))  # removed, or its org/entity stopped
@@ -302,7 +306,12 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
     async def purge_below_horizon() -> None:
         """Move every org's retention horizon (idempotent: workers may all run it)."""
         for dsn in servers.servers.values():
-            for report in await asyncio.to_thread(purge_all, dsn):
+            try:
+                reports = await asyncio.to_thread(purge_all, dsn)
+            except psycopg.OperationalError as error:  # next time, then
+                log.warning("retention purge skipped (%s)", error)
+                continue
+            for report in reports:
                 if report.error:
                     log.warning("org %s: purge failed: %s", report.org, report.error)
 
@@ -331,7 +340,7 @@ async def _handle_until_done(
         except (psycopg.OperationalError, SchemaUnavailable) as error:
             log.warning("batch not applied (%s); retrying in %.1fs", error, pause)
             await asyncio.sleep(pause)
-            pause = min(pause * 2, 10.0)
+            pause = min(pause * 2, 4.0)  # back within seconds of the database's return
         except Exception:
             log.exception("projector stopped by an unexpected error; exiting for a clean restart")
             sys.stderr.flush()

@@ -84,7 +84,7 @@ async def _supervise(
             await task.close()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), pause)
-        pause = min(pause * 2, 30.0)
+        pause = min(pause * 2, 4.0)  # streaming again within seconds of the source's return
 
 
 async def run_captures(

@@ -355,7 +355,7 @@ class Pipeline:
         for process in self.processes:
             process.start()
         if self.with_gateway:
-            self.wait_gateway_ready(60)
+            self.wait_gateway_ready(180)
 
     def add_projector(self) -> Proc:
         process = self._projector(len(self.projectors))
