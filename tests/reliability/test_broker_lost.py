@@ -59,10 +59,10 @@ def run_broker_lost(database: str, tmp: Path, rounds: int) -> None:
                     device.controls.clear()
                     device.start_loop()
                 load.start()
-                time.sleep(4)
+                time.sleep(3)
                 broker.restart()  # memory storage: it comes back empty
                 back = time.monotonic()
-                time.sleep(6)  # the source keeps changing (deletes included) meanwhile
+                time.sleep(4)  # the source keeps changing (deletes included) meanwhile
                 load.stop()
                 load = Load(database, 100, base, load.accounts, load.jobs, seed=load.seed + 1)
                 pipeline.wait_converged(300)

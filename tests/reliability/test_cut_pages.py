@@ -299,7 +299,7 @@ def test_cut_pages_retry_identically(
     world_gateway: tuple[World, Clock, str], tmp_path: Path
 ) -> None:
     world, clock, url = world_gateway
-    run_cut_pages(world, clock, url, tmp_path, cuts=60, seed=21)
+    run_cut_pages(world, clock, url, tmp_path, cuts=40, seed=21)
 
 
 @pytest.mark.chaos

@@ -1,8 +1,8 @@
 """Fault 9: snapshot → delta hand-off. A device bootstraps a large view while the source changes
 at a high rate, then follows deltas: it ends equal to its view, with nothing missing or doubled.
 
-The bootstrap stream is recorded: no key may come twice in it. The quick variant bootstraps 5k
-rows under 300 writes/s, the chaos variant 50k rows under ~1k writes/s.
+The bootstrap stream is recorded: no key may come twice in it. 50k rows under ~1k row changes/s:
+a chaos scenario only (make chaos).
 """
 
 from __future__ import annotations
@@ -126,12 +126,6 @@ def run_handoff(database: str, broker: str, tmp: Path, *, rows: int, rate: float
         devices_converged_after_load_s=round(converged, 2),
         devices_s=seconds,
     )
-
-
-def test_bootstrap_under_writes_then_deltas(
-    fresh_database: str, fresh_broker: str, tmp_path: Path
-) -> None:
-    run_handoff(fresh_database, fresh_broker, tmp_path, rows=5_000, rate=300)
 
 
 @pytest.mark.chaos

@@ -220,10 +220,6 @@ def run_restarts(broker: str, tmp: Path, restarts: int, down: float) -> None:
     )
 
 
-def test_postgres_restart(fresh_broker: str, tmp_path: Path) -> None:
-    run_restarts(fresh_broker, tmp_path, restarts=1, down=3.0)
-
-
 @pytest.mark.chaos
 @pytest.mark.timeout(3600)
 def test_postgres_restarts(fresh_broker: str, tmp_path: Path) -> None:

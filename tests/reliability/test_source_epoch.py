@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 
 from engine.runtime.embedded import EmbeddedPostgres, free_port
 from gateway.tokens import decode
@@ -188,6 +189,8 @@ def _current_lsn(dsn: str) -> int:
     return int(row[0])
 
 
+@pytest.mark.chaos
+@pytest.mark.timeout(3600)
 def test_source_restored_from_backup(
     fresh_database: str, fresh_broker: str, tmp_path: Path
 ) -> None:

@@ -157,12 +157,6 @@ def run_toast(database: str, broker: str, tmp: Path, *, seconds: float, kills: i
     )
 
 
-def test_unchanged_toast_values_keep_the_real_value(
-    fresh_database: str, fresh_broker: str, tmp_path: Path
-) -> None:
-    run_toast(fresh_database, fresh_broker, tmp_path, seconds=8, kills=0)
-
-
 @pytest.mark.chaos
 @pytest.mark.timeout(3600)
 def test_unchanged_toast_values_under_projector_kills(
