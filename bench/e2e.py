@@ -14,15 +14,20 @@ all (1,000 per entity for one org, 10 for 100 orgs) and captured by the initial 
 
 Load: a writer process (``python -m bench.e2e write``, asyncio on uvloop, one connection per
 org) ticks every 50 ms and gives each org its share of the rate, carrying fractions over, so
-the rate holds whatever the number of orgs. An org's changes of a tick are ONE autocommitted
-statement (one transaction): an upsert per entity it touches (30% new keys, 70% updates of a
-random existing key; one key at most once per statement), each row carrying a new global
-``seq`` and ``written_at = clock_timestamp()`` — the wall clock at the row's write, within a
-millisecond of the commit that follows the statement. The statement returns the WAL insert
-position after its last row, before its commit record (see *stages*). The writer commits with
-``synchronous_commit=on``: the run's PostgreSQL defaults to off (fsync is off), and a slot
-decodes flushed WAL only, so an asynchronous commit would first wait for the WAL writer
-(``wal_writer_delay``, 200 ms); a production source commits synchronously.
+the rate holds whatever the number of orgs; an org commits once it holds 5 changes (at 1k
+changes/s: 20 transactions/s of 50 changes for one org, 200/s of 5 over 10 or 100 orgs — one
+writer process could not commit 1,000 single-change transactions a second here, and small
+transactions are what a business application makes). An org's changes of a tick are ONE
+transaction:
+one prepared upsert per entity it touches, pipelined in one round trip with its BEGIN and
+COMMIT (30% new keys, 70% updates of a random existing key; one key at most once per entity
+and transaction), each row carrying a new global ``seq`` and ``written_at =
+clock_timestamp()`` — the wall clock at the row's write, a few milliseconds at most before the
+commit that follows. The upserts return the WAL insert position after each row; the last lies
+before the commit record (see *stages*). The writer commits with ``synchronous_commit=on``:
+the run's PostgreSQL defaults to off (fsync is off), and a slot decodes flushed WAL only, so
+an asynchronous commit would first wait for the WAL writer (``wal_writer_delay``, 200 ms); a
+production source commits synchronously.
 
 Device: per org, one long-polling device in this process (its own ``httpx.AsyncClient`` on
 uvloop, a JWT of a role whose profile gives all 10 entities with distribution ``all``). It
@@ -121,6 +126,7 @@ ENTITIES = tuple(f"e{n:02d}" for n in range(1, 11))
 PREFILL_ROWS = 10_000  # per configuration, over every org's entities
 INSERT_SHARE = 0.3
 TICK_S = 0.05
+MIN_TXN_CHANGES = 5  # an org's transaction holds at least this many changes
 WAIT_S = 20.0
 PROBES = 3
 SAMPLE_EVERY_S = 1.0
@@ -274,24 +280,35 @@ class Latencies:
 # -- the source and the writer -------------------------------------------------------------------
 
 
-def upsert_statement(entities: Sequence[str]) -> str:
-    """One statement (one transaction in autocommit) upserting ``(ids[], seqs[])`` per entity;
-    returns the WAL insert position after its last row (before its commit record)."""
-    ctes = []
-    for i, entity in enumerate(entities):
-        ctes.append(
-            f"w{i} AS (INSERT INTO public.{entity} AS t"
-            " (id, seq, written_at, status, amount, note)"
-            " SELECT u.id, u.seq, clock_timestamp(), (u.seq %% 7)::int,"
-            " (u.seq %% 100000) / 100.0, 'change ' || u.seq"
-            " FROM unnest(%s::bigint[], %s::bigint[]) AS u(id, seq)"
-            " ON CONFLICT (id) DO UPDATE SET seq = EXCLUDED.seq,"
-            " written_at = EXCLUDED.written_at, status = EXCLUDED.status,"
-            " amount = EXCLUDED.amount, note = EXCLUDED.note"
-            " RETURNING (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint AS lsn)"
-        )
-    union = " UNION ALL ".join(f"SELECT lsn FROM w{i}" for i in range(len(entities)))
-    return f"WITH {', '.join(ctes)} SELECT max(lsn)::bigint FROM ({union}) AS x"
+def upsert_sql(entity: str) -> str:
+    """Upsert ``(ids[], seqs[])`` into one entity; returns, per row, the WAL insert position
+    after it (the last one lies before the transaction's commit record)."""
+    return (
+        f"INSERT INTO public.{entity} AS t (id, seq, written_at, status, amount, note)"
+        " SELECT u.id, u.seq, clock_timestamp(), (u.seq %% 7)::int,"
+        " (u.seq %% 100000) / 100.0, 'change ' || u.seq"
+        " FROM unnest(%s::bigint[], %s::bigint[]) AS u(id, seq)"
+        " ON CONFLICT (id) DO UPDATE SET seq = EXCLUDED.seq,"
+        " written_at = EXCLUDED.written_at, status = EXCLUDED.status,"
+        " amount = EXCLUDED.amount, note = EXCLUDED.note"
+        " RETURNING (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint"
+    )
+
+
+UPSERTS = {entity: upsert_sql(entity) for entity in ENTITIES}
+Changes = dict[str, tuple[list[int], list[int]]]  # entity -> (keys, seqs)
+
+
+async def write_transaction(conn: psycopg.AsyncConnection[Any], changes: Changes) -> int:
+    """One transaction of one prepared upsert per entity touched, pipelined (one round trip);
+    returns the WAL position after its last row, before its commit record."""
+    async with conn.transaction(), conn.pipeline():
+        cursors = [
+            await conn.execute(UPSERTS[entity], (keys, seqs), prepare=True)
+            for entity, (keys, seqs) in changes.items()
+        ]
+    positions = [int(row[0]) for cursor in cursors for row in await cursor.fetchall()]
+    return max(positions)
 
 
 def create_source(dsn: str, rows_per_entity: int) -> None:
@@ -328,45 +345,47 @@ class OrgWriter:
     written: int = 0
     marks: list[tuple[int, int]] = field(default_factory=list)  # (lsn, cumulative changes)
 
-    def plan(self, rng: random.Random, changes: int, next_seq: int) -> list[list[int]]:
-        """``changes`` changes as the statement's parameters ``[ids, seqs] * entities``."""
-        ids: dict[str, list[int]] = {e: [] for e in ENTITIES}
-        seqs: dict[str, list[int]] = {e: [] for e in ENTITIES}
+    def plan(self, rng: random.Random, changes: int, next_seq: int) -> Changes:
+        """``changes`` changes (seqs from ``next_seq``) over random entities, as keys and seqs
+        per entity touched; a key appears at most once per entity (an upsert affects a row
+        once)."""
+        planned: Changes = {}
         for n in range(changes):
             entity = ENTITIES[rng.randrange(len(ENTITIES))]
+            keys, seqs = planned.setdefault(entity, ([], []))
             key = rng.randint(1, self.max_id[entity])
-            if rng.random() < INSERT_SHARE or key in ids[entity]:
+            if rng.random() < INSERT_SHARE or key in keys:
                 self.max_id[entity] += 1
                 key = self.max_id[entity]
-            ids[entity].append(key)
-            seqs[entity].append(next_seq + n)
-        params: list[list[int]] = []
-        for entity in ENTITIES:
-            params += [ids[entity], seqs[entity]]
-        return params
+            keys.append(key)
+            seqs.append(next_seq + n)
+        return planned
 
 
 async def _write(plan: dict[str, Any]) -> dict[str, Any]:
     """The writer process's work (see the module docstring); returns what it wrote when."""
     rng = random.Random(plan["seed"])
-    statement = upsert_statement(ENTITIES)
     orgs = [
         OrgWriter(o["org"], dict.fromkeys(ENTITIES, o["rows_per_entity"])) for o in plan["orgs"]
     ]
     conns = [await _source_connection(o["dsn"]) for o in plan["orgs"]]
     share = plan["rate"] * plan["tick_s"] / len(orgs)
-    carry = [rng.random() for _ in orgs]  # orgs do not all commit on the same tick
+    # orgs do not all commit on the same tick; an org commits once it has MIN_TXN_CHANGES
+    minimum = min(MIN_TXN_CHANGES, max(1, int(share)))
+    carry = [rng.random() * minimum for _ in orgs]
     seq = 1
     ticks = behind_ticks = txns = 0
     behind_max = 0.0
 
-    async def write(org: OrgWriter, conn: psycopg.AsyncConnection[Any], params: Any) -> None:
-        cursor = await conn.execute(statement, params, prepare=True)
-        row = await cursor.fetchone()
-        assert row is not None and row[0] is not None
-        org.marks.append((int(row[0]), org.written))
+    async def write(org: OrgWriter, conn: psycopg.AsyncConnection[Any], changes: Changes) -> None:
+        lsn = await write_transaction(conn, changes)
+        org.marks.append((lsn, org.written))
 
     try:
+        for conn in conns:  # prepare every upsert before the clock starts (no row changes)
+            async with conn.pipeline():
+                for sql_text in UPSERTS.values():
+                    await conn.execute(sql_text, ([], []), prepare=True)
         delay = plan["start_at"] - time.time()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -381,13 +400,13 @@ async def _write(plan: dict[str, Any]) -> dict[str, Any]:
             jobs = []
             for i, org in enumerate(orgs):
                 carry[i] += share
-                changes = int(carry[i])
+                changes = int(carry[i]) if carry[i] >= minimum else 0
                 if changes:
                     carry[i] -= changes
-                    params = org.plan(rng, changes, seq)
+                    planned = org.plan(rng, changes, seq)
                     seq += changes
                     org.written += changes
-                    jobs.append(write(org, conns[i], params))
+                    jobs.append(write(org, conns[i], planned))
             await asyncio.gather(*jobs)
             txns += len(jobs)
             ticks += 1

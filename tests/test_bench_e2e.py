@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from bench.e2e import (
     create_source,
     percentile,
     stride_sample,
-    upsert_statement,
+    write_transaction,
 )
 from bench.report import write_plots
 from bench.services import scratch_database
@@ -59,36 +60,44 @@ def test_stage_counts_interpolate_and_the_slot_confirms_whole_transactions() -> 
     assert captured_count(marks, 10_000) == 170
 
 
-def test_a_statement_never_names_a_key_twice_per_entity() -> None:
+def test_a_transaction_never_names_a_key_twice_per_entity() -> None:
     writer = OrgWriter("o", dict.fromkeys(ENTITIES, 2))
-    rng = random.Random(3)
-    params = writer.plan(rng, 200, next_seq=1)
+    planned = writer.plan(random.Random(3), 200, next_seq=1)
+    assert set(planned) <= set(ENTITIES)
     seqs = []
-    for ids, entity_seqs in zip(params[::2], params[1::2], strict=True):
-        assert len(ids) == len(set(ids)) == len(entity_seqs)
+    for keys, entity_seqs in planned.values():
+        assert keys and len(keys) == len(set(keys)) == len(entity_seqs)
         seqs += entity_seqs
     assert sorted(seqs) == list(range(1, 201))
 
 
-def test_the_upsert_returns_a_position_before_its_commit(pg_admin_dsn: str) -> None:
-    """The writer's mark lies after the statement's rows and before its (synchronous) commit,
-    so a slot confirms it exactly when it confirmed the transaction."""
-    position = "(pg_current_wal_{}_lsn() - '0/0'::pg_lsn)::bigint"
+def test_the_transaction_returns_a_position_before_its_commit(pg_admin_dsn: str) -> None:
+    """The writer's mark lies after the transaction's rows and before its (synchronous)
+    commit, so a slot confirms it exactly when it confirmed the transaction."""
+    position = "SELECT (pg_current_wal_{}_lsn() - '0/0'::pg_lsn)::bigint"
+
+    async def write(dsn: str) -> tuple[int, int, int, list[int]]:
+        planned = OrgWriter("o", dict.fromkeys(ENTITIES, 3)).plan(random.Random(1), 6, 1)
+        options = "-c synchronous_commit=on"
+        async with await psycopg.AsyncConnection.connect(
+            dsn, autocommit=True, options=options
+        ) as conn:
+            before = await (await conn.execute(position.format("insert"))).fetchone()
+            mark = await write_transaction(conn, planned)
+            flushed = await (await conn.execute(position.format("flush"))).fetchone()
+            changed = await (
+                await conn.execute(
+                    " UNION ALL ".join(f"SELECT seq FROM {e} WHERE seq > 0" for e in ENTITIES)
+                )
+            ).fetchall()
+        assert before and flushed
+        return before[0], mark, flushed[0], sorted(seq for (seq,) in changed)
+
     with scratch_database(pg_admin_dsn, "test_e2e") as dsn:
         create_source(dsn, rows_per_entity=3)
-        writer = OrgWriter("o", dict.fromkeys(ENTITIES, 3))
-        params = writer.plan(random.Random(1), 6, next_seq=1)
-        options = "-c synchronous_commit=on"
-        with psycopg.connect(dsn, autocommit=True, options=options) as conn:
-            before = conn.execute(f"SELECT {position.format('insert')}").fetchone()
-            row = conn.execute(upsert_statement(ENTITIES), params).fetchone()
-            flushed = conn.execute(f"SELECT {position.format('flush')}").fetchone()
-            changed = conn.execute(
-                " UNION ALL ".join(f"SELECT seq FROM {e} WHERE seq > 0" for e in ENTITIES)
-            ).fetchall()
-        assert before and row and flushed
-        assert before[0] < row[0] < flushed[0]
-        assert sorted(seq for (seq,) in changed) == [1, 2, 3, 4, 5, 6]
+        before, mark, flushed, seqs = asyncio.run(write(dsn))
+    assert before < mark < flushed
+    assert seqs == [1, 2, 3, 4, 5, 6]
 
 
 def test_report_draws_each_stage_of_a_throughput_record(tmp_path: Path) -> None:
