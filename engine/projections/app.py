@@ -271,6 +271,7 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
             schema_tail.mark_batch()
             report = await _handle_until_done(projector, messages, app)
             faults.reached("before_offset_commit")
+            _update_lag(app)  # fresh after every batch; the refresh timer covers idle spells
             log.debug(
                 "batch of %d: applied %d, skipped %d, dead-lettered %d",
                 report.consumed,

@@ -227,6 +227,25 @@ class Oracle:
             assert dead == 0, f"{entity}: {dead} dead letters"
         return watermarks
 
+    def assert_no_stale_overwrite(self) -> None:
+        """Per key, every change-log entry's source position is above the previous entry's:
+        no change ever overwrote a newer one (within one capture epoch: a restored source's
+        positions may go back)."""
+        with psycopg.connect(self.staging_dsn) as conn:
+            for entity in self.tables:
+                row = conn.execute(
+                    sql.SQL(
+                        """
+                        SELECT count(*) FROM (
+                            SELECT commit_lsn, lsn, lag(commit_lsn) OVER w AS pc,
+                                   lag(lsn) OVER w AS pl
+                            FROM {}.{} WINDOW w AS (PARTITION BY key ORDER BY version)) s
+                        WHERE pc IS NOT NULL AND (commit_lsn, lsn) <= (pc, pl)
+                        """
+                    ).format(sql.Identifier(f"org_{self.org}"), sql.Identifier(f"{entity}__log"))
+                ).fetchone()
+                assert row == (0,), f"{entity}: {row} change-log entries older than their key's"
+
 
 # -- watermarks never go back ------------------------------------------------------------------
 

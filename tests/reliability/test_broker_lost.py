@@ -75,6 +75,7 @@ def run_broker_lost(database: str, tmp: Path, rounds: int) -> None:
                     assert {e for e, _ in device.controls} == {"job", "account"}, device.controls
         sampler.assert_never_back()
         watermarks = pipeline.oracle.assert_applied_once()
+        pipeline.oracle.assert_no_stale_overwrite()
     finally:
         load.stop()
         for device in devices:

@@ -70,6 +70,7 @@ def run_crash_points(database: str, broker: str, tmp: Path, runs: int, seed: int
             converged = pipeline.wait_converged(300)
         sampler.assert_never_back()
         watermarks = pipeline.oracle.assert_applied_once()
+        pipeline.oracle.assert_no_stale_overwrite()
     finally:
         load.stop()
         pipeline.stop()

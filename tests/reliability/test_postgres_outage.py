@@ -143,6 +143,7 @@ def run_cuts(database: str, broker: str, tmp: Path, durations: list[float]) -> N
             devices_converge(devices, database, 120)
         sampler.assert_never_back()
         pipeline.oracle.assert_applied_once()
+        pipeline.oracle.assert_no_stale_overwrite()
     finally:
         load.stop()
         for device in devices:
@@ -205,6 +206,7 @@ def run_restarts(broker: str, tmp: Path, restarts: int, down: float) -> None:
             converged = pipeline.wait_converged(300)
         sampler.assert_never_back()
         pipeline.oracle.assert_applied_once()
+        pipeline.oracle.assert_no_stale_overwrite()
     finally:
         load.stop()
         pipeline.stop()

@@ -114,6 +114,7 @@ def run_sigkill(
             device_seconds = converge_all(devices, database, 120)
         sampler.assert_never_back()
         watermarks = pipeline.oracle.assert_applied_once()
+        pipeline.oracle.assert_no_stale_overwrite()
     finally:
         load.stop()
         for device in devices:
