@@ -119,6 +119,11 @@ class RuleSQL:
             {i.related.entity for i in self.view.items[self.entity] if i.related is not None}
         )
 
+    @property
+    def sees_everything(self) -> bool:
+        """Every row of the entity is in the view (a rule of distribution ``all``)."""
+        return any(i.distribution == "all" for i in self.view.items[self.entity])
+
     def predicate(self, alias: str, side: Side, *, windows: bool = False) -> sql.Composable:
         """OR of the entity's rules over ``alias``, at ``%(now_<side>)s`` and, for related rules,
         the parents' state at ``%(rw_<parent>_<side>)s``."""
@@ -312,11 +317,32 @@ def delta_page(
     log = sql.Identifier(f"{meta.entity}__log")
     pred_new = rule.predicate("n", "new")
     pred_old = rule.predicate("o", "old")
-    candidates: list[sql.Composable] = [
-        sql.SQL(
-            "SELECT l.key FROM {}.{} l WHERE l.version > %(w_old)s AND l.version <= %(w_new)s"
-        ).format(schema, log)
-    ]
+    # keys changed in the window whose state at either end may be in the view: the state at
+    # w_old is the before image of the key's first change after it, the state at w_new the
+    # after image of its last change up to it (the log's images are whole staging rows), so a
+    # key none of whose images passes either side's rules can neither appear nor leave
+    if rule.sees_everything:
+        candidates: list[sql.Composable] = [
+            sql.SQL(
+                "SELECT l.key FROM {}.{} l WHERE l.version > %(w_old)s AND l.version <= %(w_new)s"
+            ).format(schema, log)
+        ]
+    else:
+        candidates = [
+            sql.SQL(
+                "SELECT l.key FROM {schema}.{log} l"
+                " CROSS JOIN LATERAL (VALUES (l.before), (l.after)) v(img)"
+                " CROSS JOIN LATERAL jsonb_populate_record(NULL::{schema}.{table}, v.img) f"
+                " WHERE l.version > %(w_old)s AND l.version <= %(w_new)s AND v.img IS NOT NULL"
+                " AND ({old} OR {new})"
+            ).format(
+                schema=schema,
+                log=log,
+                table=table,
+                old=rule.predicate("f", "old"),
+                new=rule.predicate("f", "new"),
+            )
+        ]
     # rows a moving time window may have carried in or out of the view
     rule.compiled.windows.clear()
     rule.predicate("t", "new", windows=True)
@@ -365,18 +391,25 @@ def delta_page(
                         moved=parent_moved,
                     )
                 )
+            # parent images that point at a key; only those the parent's rules pass on either
+            # side can change whether that key is seen (the same argument as above)
+            parent_items = [i for i in rule.view.items[parent] if i.distribution != "related"]
             candidates.append(
                 sql.SQL(
-                    "SELECT jsonb_build_object({key}, img -> {column}) FROM {schema}.{plog} l,"
-                    " LATERAL (VALUES (l.before), (l.after)) v(img)"
+                    "SELECT jsonb_build_object({key}, img -> {column}) FROM {schema}.{plog} l"
+                    " CROSS JOIN LATERAL (VALUES (l.before), (l.after)) v(img)"
+                    " CROSS JOIN LATERAL jsonb_populate_record(NULL::{schema}.{p}, v.img) p"
                     " WHERE l.version > {mark} AND img ? {column}"
-                    " AND img -> {column} <> 'null'::jsonb"
+                    " AND img -> {column} <> 'null'::jsonb AND ({old} OR {new})"
                 ).format(
                     key=sql.Literal(key),
                     column=column,
                     schema=schema,
                     plog=sql.Identifier(f"{parent}__log"),
+                    p=sql.Identifier(parent),
                     mark=sql.Placeholder(f"rw_{parent}_old"),
+                    old=rule._rules(parent, parent_items, "p", "old", False),
+                    new=rule._rules(parent, parent_items, "p", "new", False),
                 )
             )
     after_clause = sql.SQL("WHERE u.key > %(after)s::jsonb") if after is not None else sql.SQL("")
