@@ -101,8 +101,8 @@ class Settings(BaseSettings):
     )
     fault_point: str | None = Field(
         default=None,
-        pattern=r"^[a-z_]+:[1-9][0-9]*$",
-        description="Testing only: the projector exits at <point>:<n> "
+        pattern=r"^[a-z_]+:[1-9][0-9]*(:stop)?$",
+        description="Testing only: the projector exits (or stops) at <point>:<n>[:stop] "
         "(engine/projections/faults.py); unset in production.",
     )
     projector_uvloop: bool = Field(
@@ -124,6 +124,13 @@ class Settings(BaseSettings):
         default=100,
         ge=1,
         description="Events an org's window must hold before the breaker may stop it.",
+    )
+    projector_idle_transaction_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A projector's staging transaction idle this long is ended by PostgreSQL, "
+        "releasing its locks: a worker paused mid-batch (a zombie) cannot hold the entities of "
+        "the partitions the group gave to others.",
     )
     broker_rebalance_timeout_s: float = Field(
         default=60.0,

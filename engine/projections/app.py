@@ -41,7 +41,13 @@ from engine.projections import faults
 from engine.projections.decoding import EventDecoder, TopicRouter
 from engine.projections.exceptions import SchemaUnavailable
 from engine.projections.metrics import METRICS
-from engine.projections.projector import COUNTS_DDL, DeadLetter, Projector, RawMessage
+from engine.projections.projector import (
+    CONNECTION_LOST,
+    COUNTS_DDL,
+    DeadLetter,
+    Projector,
+    RawMessage,
+)
 from engine.projections.retention import purge_all
 from engine.projections.stops import (
     Breaker,
@@ -246,6 +252,7 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
             settings.projector_breaker_min_events,
         ),
         breaker_paused=registry.breaker_paused,
+        idle_transaction_timeout_s=settings.projector_idle_transaction_timeout_s,
     )
 
     @app.agent(channel, concurrency=1)
@@ -338,7 +345,7 @@ async def _handle_until_done(
             )
             await _commit_acknowledged(app)  # this batch is not: it comes again after resume
             _reexec()
-        except (psycopg.OperationalError, SchemaUnavailable) as error:
+        except (*CONNECTION_LOST, SchemaUnavailable) as error:
             log.warning("batch not applied (%s); retrying in %.1fs", error, pause)
             await asyncio.sleep(pause)
             pause = min(pause * 2, 4.0)  # back within seconds of the database's return

@@ -1,6 +1,8 @@
 """Fault injection for the reliability suite: ``FIELDSYNC_FAULT_POINT=<point>:<n>`` makes a
 projector worker exit abruptly (``os._exit``, as a crash would) the ``n``-th time it reaches
-``<point>``. Unset in production. The points (``docs/reliability.md``, crash-point matrix):
+``<point>``; ``<point>:<n>:stop`` instead stops it there (``SIGSTOP``, as a VM pause or a long
+GC would) until something sends ``SIGCONT`` — a zombie in the middle of a batch. Unset in
+production. The points (``docs/reliability.md``, crash-point matrix):
 
 * ``before_db_commit``: a batch's rows are written, its staging transaction not committed;
 * ``before_offset_commit``: the batch is committed to staging, its offsets not acknowledged;
@@ -11,24 +13,35 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import time
 
 POINTS = ("before_db_commit", "before_offset_commit", "after_offset_commit")
 EXIT_CODE = 86
 
 log = logging.getLogger("fieldsync.projector")
-_armed: dict[str, int] = {}  # point → hits left before the crash
+ACTIONS = ("exit", "stop")
+_armed: dict[str, int] = {}  # point → hits left before the fault
+_action: dict[str, str] = {}  # point → what happens there
 
 
 def arm(setting: str | None) -> None:
-    """Arm ``<point>:<n>`` (a bad value raises ValueError naming the points)."""
+    """Arm ``<point>:<n>[:<action>]`` (a bad value raises ValueError naming the points)."""
     _armed.clear()
+    _action.clear()
     if not setting:
         return
-    point, _, count = setting.partition(":")
-    if point not in POINTS or not count.isdigit() or int(count) < 1:
-        raise ValueError(f"fault point {setting!r}: expected <point>:<n>, points {POINTS}")
+    point, _, rest = setting.partition(":")
+    count, _, action = rest.partition(":")
+    action = action or "exit"
+    if point not in POINTS or not count.isdigit() or int(count) < 1 or action not in ACTIONS:
+        raise ValueError(
+            f"fault point {setting!r}: expected <point>:<n>[:<action>], points {POINTS},"
+            f" actions {ACTIONS}"
+        )
     _armed[point] = int(count)
+    _action[point] = action
 
 
 def armed(point: str) -> bool:
@@ -36,11 +49,19 @@ def armed(point: str) -> bool:
 
 
 def reached(point: str) -> None:
-    """Count a pass through ``point``; exit at the armed count."""
+    """Count a pass through ``point``; exit (or stop) at the armed count."""
     if point not in _armed:
         return
     _armed[point] -= 1
-    if _armed[point] == 0:
-        log.warning("fault point %s reached: exiting", point)
+    if _armed[point] != 0:
+        return
+    if _action[point] == "stop":
+        log.warning("fault point %s reached: stopping until SIGCONT", point)
         sys.stderr.flush()
-        os._exit(EXIT_CODE)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        time.sleep(1.0)  # some kernels stop the calling thread only at its next kernel entry
+        log.warning("fault point %s: continued", point)
+        return
+    log.warning("fault point %s reached: exiting", point)
+    sys.stderr.flush()
+    os._exit(EXIT_CODE)

@@ -127,6 +127,10 @@ CREATE TABLE IF NOT EXISTS fieldsync_control.projection_counts (
 #: SQLSTATEs of values outside their column type's range; any other data exception (class 22,
 #: and a null key) is a ``bad_value``.
 _OVERFLOW_STATES = frozenset({"22001", "22003", "22008", "22015"})
+# the staging connection is gone (server away, or it ended a transaction left idle): the
+# batch is not applied, a new connection retries it
+CONNECTION_LOST = (psycopg.OperationalError, psycopg.errors.IdleInTransactionSessionTimeout)
+
 _REFUSED_VALUE = (
     psycopg.DataError,
     psycopg.errors.NotNullViolation,
@@ -155,6 +159,7 @@ class Projector:
         *,
         breaker: Breaker | None = None,
         breaker_paused: Callable[[str], bool] = lambda _org: False,
+        idle_transaction_timeout_s: float = 30.0,
     ) -> None:
         """``placement``: the known orgs and the staging server of each. Without ``breaker``
         failures are dead-lettered whatever their share; ``breaker_paused(org)``: the org's
@@ -167,12 +172,19 @@ class Projector:
         self._breaker = breaker
         self._breaker_paused = breaker_paused
         self._staging: dict[str, Staging] = {}
+        self._idle_transaction_timeout_ms = round(idle_transaction_timeout_s * 1000)
 
     def _connection(self, server: str) -> Staging:
         staging = self._staging.get(server)
         if staging is None or staging.conn.closed:
             conn = psycopg.connect(
                 self._servers.dsn(server), application_name="fieldsync-projector"
+            )
+            # a worker stopped mid-batch must not keep its locks: its partitions' new owner
+            # writes the same entities (and the stopped worker's late commit then fails)
+            conn.execute(
+                "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+                (str(self._idle_transaction_timeout_ms),),
             )
             run_control_ddl(conn, COUNTS_DDL)
             conn.commit()
@@ -360,7 +372,7 @@ class Projector:
         try:
             with staging.conn.transaction():
                 record_stop(staging.conn, stop)
-        except psycopg.OperationalError:
+        except CONNECTION_LOST:
             self._staging.pop(server, None)
             raise
         staging.forget(stop.org)
@@ -372,7 +384,7 @@ class Projector:
         staging = self._connection(server)
         try:
             return staging.incompatibility(org, entity, events)
-        except psycopg.OperationalError:
+        except CONNECTION_LOST:
             self._staging.pop(server, None)
             raise
 
@@ -387,7 +399,7 @@ class Projector:
         staging = self._connection(server)
         try:
             return self._isolate(staging, org, entity, events, give_up, [])
-        except psycopg.OperationalError:
+        except CONNECTION_LOST:
             self._staging.pop(server, None)  # reconnect next time; the batch is re-delivered
             raise
 
@@ -453,7 +465,7 @@ class Projector:
         for server, server_rows in by_server.items():
             try:
                 self._write_counts(self._connection(server), server_rows)
-            except psycopg.OperationalError:
+            except CONNECTION_LOST:
                 self._staging.pop(server, None)
                 raise
 

@@ -326,11 +326,11 @@ class Pipeline:
         self._supervising = True
         self.lock = threading.Lock()  # the supervisor and a scenario never restart at once
 
-    def _projector(self, index: int) -> Proc:
+    def _projector(self, index: int, env_extra: Mapping[str, str] | None = None) -> Proc:
         return Proc(
             f"projector-{index}",
             [fieldsync_bin(), "projector"],
-            self.projector_env,
+            {**self.projector_env, **dict(env_extra or {})},
             self.tmp / f"projector-{index}.log",
         )
 
@@ -357,8 +357,8 @@ class Pipeline:
         if self.with_gateway:
             self.wait_gateway_ready(180)
 
-    def add_projector(self) -> Proc:
-        process = self._projector(len(self.projectors))
+    def add_projector(self, env_extra: Mapping[str, str] | None = None) -> Proc:
+        process = self._projector(len(self.projectors), env_extra)
         self.projectors.append(process)
         process.start()
         return process
