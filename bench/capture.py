@@ -13,6 +13,8 @@ import time
 import uuid
 from collections.abc import Iterator
 
+from pydantic import SecretStr
+
 from bench.harness import Baseline, BenchContext, Result, Target, benchmark
 from bench.raw_decode import make_update_workload, measure_raw_decode_runs
 from bench.services import scratch_database
@@ -30,7 +32,9 @@ def capture(ctx: BenchContext) -> Iterator[Result]:
     org = f"bench{uuid.uuid4().hex[:8]}"
     settings = load_settings(topic_partitions=3)
     with scratch_database(ctx.services.pg_dsn, "bench_capture") as dsn, asyncio.Runner() as runner:
-        spec = CaptureSpec(org=org, source_dsn=dsn, entities={"visit": f"public.{TABLE}"})
+        spec = CaptureSpec(
+            org=org, source_dsn=SecretStr(dsn), entities={"visit": f"public.{TABLE}"}
+        )
         task = CaptureTask(spec, settings, ctx.services.bootstrap_servers)
 
         def start_capture() -> None:  # slot + snapshot of the filled table, before the updates

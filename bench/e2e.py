@@ -65,9 +65,9 @@ says which one fell behind.
 The broker's fetch wake-up (context for the projector's share, in the details): a consumer
 waits on an empty partition while a message is produced every 50 ms; the time from each
 acknowledgement to its receipt, with ``fetch.max.wait.ms`` 1,500 (the value faust's driver
-gives every worker consumer, the projector's included) and with 100. The embedded broker
-completes such a waiting fetch only about half-way through its maximum wait, rather than when
-data arrives.
+gives every worker consumer) and with 100 (the projector's, ``FIELDSYNC_CONSUMER_FETCH_MAX_WAIT_
+MS``). The embedded broker completes such a waiting fetch only about half-way through its
+maximum wait, rather than when data arrives.
 
 Results per configuration: ``e2e_p99_ms[_<cfg>]`` (ms; p50/p95/max, per-10 s p99 and the
 backlog in the details; target p99 <= 500 ms for the 1k changes/s configurations; no baseline:
@@ -654,7 +654,7 @@ def _broker(ctx: BenchContext, workdir: Path) -> Iterator[str]:
         broker.stop()
 
 
-FAUST_FETCH_MAX_WAIT_MS = 1500  # fixed by faust's aiokafka driver for worker consumers
+FAUST_FETCH_MAX_WAIT_MS = 1500  # faust's aiokafka driver's (the projector overrides it)
 
 
 async def _fetch_wake(bootstrap: str, fetch_max_wait_ms: int, messages: int = 30) -> list[float]:

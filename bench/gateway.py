@@ -37,6 +37,13 @@ Measured, in this order, in the same run:
   _fs_version > W) t`` — i.e. "gateway delta throughput vs reading the rows straight from
   PostgreSQL". No target. A request that fails with a transport error is sent again, as a
   device would (a page is a pure function of its token); every such retry is in the details.
+* ``narrow_delta_changes_per_s``: the same changes pulled by one client through a narrow view
+  (role ``narrow``: ``c01`` in the lowest twentieth of the rows or the highest twentieth of the
+  values the changes wrote, so rows leave and enter it; bootstrapped before the changes) — changes
+  covered per second — against one client pulling them through the ``all`` view (baseline
+  ``all_view_one_client``). The upserts and removals received must equal those computed from
+  staging. A narrow view should cost less than the whole delta: the gateway examines in full only
+  the changed keys some log image of which passes the view's rules.
 * ``wake_p99_s``: 1,000 devices (100), each with its own ``httpx.AsyncClient`` on one asyncio
   loop, ``POST /sync`` the ``ping`` token with ``wait=30`` (a device whose wait runs out before
   all are parked polls again, as a device does; counted in the details). Once the gateway's
@@ -120,15 +127,45 @@ NAMES = ["id", *(name for name, _, _ in COLUMNS)]
 _T0 = datetime(2024, 1, 1, tzinfo=UTC)
 _D0 = date(2020, 1, 1)
 
-OFFLINE: dict[str, Any] = {
-    "entities": {ENTITY: {}, PING: {}},
-    "roles": {"reader": {"profile": "everything"}, "poller": {"profile": "pings"}},
-    "profiles": {
-        "everything": {"items": [{"entity": ENTITY, "distribution": "all", "priority": 1}]},
-        "pings": {"items": [{"entity": PING, "distribution": "all", "priority": 1}]},
-    },
-    "users": {},
-}
+NARROW_SHARE = 20  # the narrow view: 1/20 of the rows before the changes, 1/20 of the changes
+
+
+def narrow_filter(rows: int, changes: int) -> dict[str, Any]:
+    """A technician's territory: ``c01`` (the row's value number) in the lowest twentieth of the
+    bulk-loaded rows or in the highest twentieth of the values the changes write, so the changes
+    carry rows out of the view and into it."""
+    return {
+        "or": [
+            {"field": "c01", "op": "lt", "value": rows // NARROW_SHARE},
+            {"field": "c01", "op": "gt", "value": rows + changes - changes // NARROW_SHARE},
+        ]
+    }
+
+
+def offline_config(rows: int, changes: int) -> dict[str, Any]:
+    return {
+        "entities": {ENTITY: {}, PING: {}},
+        "roles": {
+            "reader": {"profile": "everything"},
+            "narrow": {"profile": "territory"},
+            "poller": {"profile": "pings"},
+        },
+        "profiles": {
+            "everything": {"items": [{"entity": ENTITY, "distribution": "all", "priority": 1}]},
+            "territory": {
+                "items": [
+                    {
+                        "entity": ENTITY,
+                        "distribution": "custom",
+                        "priority": 1,
+                        "filter": narrow_filter(rows, changes),
+                    }
+                ]
+            },
+            "pings": {"items": [{"entity": PING, "distribution": "all", "priority": 1}]},
+        },
+        "users": {},
+    }
 
 
 def _values(v: int) -> tuple[Any, ...]:
@@ -216,7 +253,7 @@ def _visit_row(v: int) -> dict[str, Any]:
     return dict(zip(NAMES[1:], _values(v), strict=True))
 
 
-def build_staging(dsn: str, org: str, rows: int) -> tuple[Writer, dict[str, float]]:
+def build_staging(dsn: str, org: str, rows: int, changes: int) -> tuple[Writer, dict[str, float]]:
     """Staging of ``org`` with ``rows`` live ``visit`` rows and one ``ping`` row (see the module
     docstring); returns the writer for later changes and the seconds of each step."""
     from engine.projections.app import register_org
@@ -256,7 +293,7 @@ def build_staging(dsn: str, org: str, rows: int) -> tuple[Writer, dict[str, floa
     started = time.perf_counter()
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("VACUUM (ANALYZE) {}.{}").format(schema, table))
-        put_config(conn, org, OFFLINE)
+        put_config(conn, org, offline_config(rows, changes))
     phases["vacuum_analyze"] = time.perf_counter() - started
     writer.lsn = (rows + 1) * 10  # every later change is newer than the bulk-loaded rows
     return writer, phases
@@ -495,6 +532,7 @@ class DeltaRun:
     latencies: list[float] = field(default_factory=list)
     per_client: list[int] = field(default_factory=list)
     retries: list[dict[str, Any]] = field(default_factory=list)
+    removed: int = 0
 
 
 async def _post(
@@ -527,8 +565,11 @@ async def _post(
     raise AssertionError("unreachable")
 
 
-async def pull_deltas(url: str, org: str, jwt: str, token: str, clients: int) -> DeltaRun:
-    """``clients`` concurrent clients each pull the whole delta from ``token``."""
+async def pull_deltas(
+    url: str, org: str, jwt: str, token: str, clients: int, *, removals: bool = False
+) -> DeltaRun:
+    """``clients`` concurrent clients each pull the whole delta from ``token`` (``removals``:
+    the view may lose rows; else a removal is an error)."""
     run = DeltaRun()
     headers = {**_auth(jwt), **JSON}
     # one connection per client, reused at once: never idle long enough for the server to
@@ -555,9 +596,10 @@ async def pull_deltas(url: str, org: str, jwt: str, token: str, clients: int) ->
                 if response.status_code != 200:
                     raise RuntimeError(f"sync: {response.status_code} {body[:300]!r}")
                 result = _entity(body, ENTITY)
-                if result["control"] is not None or result["removes"]:
+                if result["control"] is not None or (result["removes"] and not removals):
                     raise RuntimeError(f"unexpected delta answer {result['control']!r}")
                 rows += len(result["upserts"])
+                run.removed += len(result["removes"])
                 run.requests += 1
                 current = result["token"]
                 if not result["has_more"]:
@@ -595,6 +637,23 @@ def direct_sql(dsn: str, org: str, watermark: int, readers: int) -> tuple[int, f
         for conn in connections:
             conn.close()
     return rows, elapsed
+
+
+def narrow_changes(dsn: str, org: str, watermark: int, rows: int, changes: int) -> tuple[int, int]:
+    """(rows the changes above ``watermark`` carried into the narrow view, rows they carried
+    out of it), from staging: a changed row's value number before the change was its key."""
+    low, high = rows // NARROW_SHARE, rows + changes - changes // NARROW_SHARE
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            sql.SQL(
+                "SELECT count(*) FILTER (WHERE c01 < %(low)s OR c01 > %(high)s),"
+                " count(*) FILTER (WHERE id < %(low)s AND NOT (c01 < %(low)s OR c01 > %(high)s))"
+                " FROM {}.{} WHERE _fs_version > %(w)s"
+            ).format(sql.Identifier(f"org_{org}"), sql.Identifier(ENTITY)),
+            {"low": low, "high": high, "w": watermark},
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
 
 
 # -- long-polls -------------------------------------------------------------------------------
@@ -738,6 +797,7 @@ def gateway_bench(ctx: BenchContext) -> Iterator[Result]:
     org = f"bench{uuid.uuid4().hex[:8]}"
     jwt_secret, token_secret = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     reader = mint(org, READER, ["reader"], jwt_secret)
+    narrow = mint(org, "bench-narrow", ["narrow"], jwt_secret)
     poller = mint(org, POLLER, ["poller"], jwt_secret)
     common: dict[str, Any] = {
         "rows": rows,
@@ -751,7 +811,7 @@ def gateway_bench(ctx: BenchContext) -> Iterator[Result]:
         scratch_database(ctx.services.pg_dsn, "bench_gateway") as dsn,
     ):
         workdir = Path(tmp)
-        writer, phases = build_staging(dsn, org, rows)
+        writer, phases = build_staging(dsn, org, rows, changes)
         try:
             with gateway_process(dsn, workdir, jwt_secret, token_secret) as gateway:
                 # (b) bootstrap of the whole entity, against COPY TO STDOUT
@@ -760,6 +820,9 @@ def gateway_bench(ctx: BenchContext) -> Iterator[Result]:
                 boot = http_bootstrap(gateway.url, org, reader, ENTITY)
                 if boot.rows != rows:
                     raise RuntimeError(f"bootstrap streamed {boot.rows} rows of {rows}")
+                narrow_boot = http_bootstrap(gateway.url, org, narrow, ENTITY)
+                if narrow_boot.rows != rows // NARROW_SHARE - 1:
+                    raise RuntimeError(f"the narrow view bootstrapped {narrow_boot.rows} rows")
                 copies += [copy_to_stdout(dsn, org) for _ in range(COPY_RUNS - 1)]
                 if any(n != rows for n, _ in copies):
                     raise RuntimeError(f"COPY read {[n for n, _ in copies]} rows, not {rows}")
@@ -818,6 +881,40 @@ def gateway_bench(ctx: BenchContext) -> Iterator[Result]:
                         "apply_changes_s": round(apply_s, 3),
                         "apply_batch": APPLY_BATCH,
                         "delta_from_watermark": watermark,
+                        "load_average_1m": os.getloadavg()[0],
+                    },
+                )
+
+                # (d) one client through a narrow view against one through the all view: the
+                # same changes, of which the narrow view receives about a tenth
+                with _client_loop() as runner:
+                    everything = runner.run(pull_deltas(gateway.url, org, reader, boot.token, 1))
+                    territory = runner.run(
+                        pull_deltas(gateway.url, org, narrow, narrow_boot.token, 1, removals=True)
+                    )
+                entered, left = narrow_changes(dsn, org, watermark, rows, changes)
+                if (territory.rows, territory.removed) != (entered, left):
+                    raise RuntimeError(
+                        f"narrow view: {territory.rows} upserts and {territory.removed} removals,"
+                        f" expected {entered} and {left}"
+                    )
+                yield Result(
+                    bench=BENCH,
+                    metric="narrow_delta_changes_per_s",
+                    unit="changes/s",
+                    value=changes / territory.elapsed_s,
+                    baseline=Baseline("all_view_one_client", changes / everything.elapsed_s),
+                    details={
+                        **common,
+                        "changed_rows": changes,
+                        "view_share": f"1/{NARROW_SHARE} of the rows before and of the changes",
+                        "narrow_upserts": territory.rows,
+                        "narrow_removals": territory.removed,
+                        "narrow_requests": territory.requests,
+                        "narrow_s": round(territory.elapsed_s, 3),
+                        "all_view_rows": everything.rows,
+                        "all_view_requests": everything.requests,
+                        "all_view_s": round(everything.elapsed_s, 3),
                         "load_average_1m": os.getloadavg()[0],
                     },
                 )
