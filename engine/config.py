@@ -109,6 +109,12 @@ class Settings(BaseSettings):
         default=True, description="Run the projector worker on uvloop (about 30% more events/s)."
     )
     projector_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    projector_metrics_host: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        description="Address the projector's metrics listener binds (0.0.0.0: every interface, "
+        "for a Prometheus in another container or host).",
+    )
     projector_breaker_ratio: float = Field(
         default=0.5,
         gt=0,

@@ -476,7 +476,7 @@ def run_worker(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> 
     if settings.projector_metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.projector_metrics_port, addr="127.0.0.1")
+        start_http_server(settings.projector_metrics_port, addr=settings.projector_metrics_host)
     worker = faust.Worker(
         app,
         loglevel=settings.log_level.lower(),
