@@ -168,6 +168,9 @@ class Staging:
         self._notify = notify
         self._entities: dict[tuple[str, str], _EntityState] = {}
         self._temp_tables: set[str] = set()
+        # the merge statement of each (schema, entity, shape, table columns, input table), as
+        # sent: composing it costs more than PostgreSQL takes to run it for a small batch
+        self._merge_sql: dict[tuple[Any, ...], bytes] = {}
         self._orgs: set[str] = set()
 
     def forget(self, org: str) -> None:
@@ -637,6 +640,37 @@ class Staging:
         truncated: tuple[int, int],
         purged: tuple[int, int],
     ) -> tuple[int, int]:
+        cache_key = (
+            self._schema(org),
+            entity,
+            shape,
+            tuple(state.keys),
+            tuple(sorted(state.columns.items())),
+            temp,
+        )
+        statement = self._merge_sql.get(cache_key)
+        if statement is None:
+            if len(self._merge_sql) > 10_000:  # bounded: entities x shapes in use
+                self._merge_sql.clear()
+            statement = self._merge_sql[cache_key] = self._compose_merge(
+                org, entity, state, shape, temp
+            ).as_bytes(self.conn)
+        row = self.conn.execute(
+            statement,
+            {
+                "wm": watermark,
+                "tc": truncated[0],
+                "tl": truncated[1],
+                "pc": purged[0],
+                "pl": purged[1],
+            },
+        ).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    def _compose_merge(
+        self, org: str, entity: str, state: _EntityState, shape: EntityShape, temp: str
+    ) -> sql.Composed:
         schema, table = sql.Identifier(self._schema(org)), sql.Identifier(entity)
         log = sql.Identifier(f"{entity}__log")
         keys = [sql.Identifier(k) for k in state.keys]
@@ -685,7 +719,7 @@ class Staging:
         key_json = sql.SQL(", ").join(
             sql.SQL("{}, w.{}").format(sql.Literal(k), sql.Identifier(k)) for k in state.keys
         )
-        statement = sql.SQL(
+        return sql.SQL(
             """
             WITH incoming AS (
                 SELECT {incoming_columns}, _fs_op, _fs_unavailable, _fs_commit_lsn, _fs_lsn,
@@ -761,18 +795,6 @@ class Staging:
             on_wf=on("w", "f"),
             on_wc=on("w", "c"),
         )
-        row = self.conn.execute(
-            statement,
-            {
-                "wm": watermark,
-                "tc": truncated[0],
-                "tl": truncated[1],
-                "pc": purged[0],
-                "pl": purged[1],
-            },
-        ).fetchone()
-        assert row is not None
-        return int(row[0]), int(row[1])
 
 
 def _type_conflict(
