@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import psutil
+import psycopg
 import pytest
 
 from tests.capture_helpers import new_org
@@ -46,8 +47,6 @@ def stopped(process: Proc) -> bool:
 
 def staging_total(pipeline: Pipeline) -> int:
     """Sum of the entities' watermarks: it grows whenever staging commits a change."""
-    import psycopg
-
     with psycopg.connect(pipeline.staging_dsn) as conn:
         row = conn.execute(
             f"SELECT coalesce(sum(version), 0) FROM org_{pipeline.org}._fs_entities"
