@@ -203,15 +203,6 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture()
-def chaos_only(request: pytest.FixtureRequest) -> None:
-    """The long variants run only where chaos tests are selected (``make chaos``: -m chaos),
-    not when this file is run by itself."""
-    expression = request.config.option.markexpr or ""
-    if "chaos" not in expression or "not chaos" in expression:
-        pytest.skip("long variant: make chaos runs it (-m chaos)")
-
-
 # -- 15: JWT negative matrix ---------------------------------------------------------------------
 
 
@@ -699,9 +690,7 @@ def isolation_property(examples: int) -> Any:
 
 
 test_no_request_reaches_another_org_or_outside_the_view = isolation_property(ISOLATION_EXAMPLES)
-test_isolation_at_the_issue_scale = pytest.mark.usefixtures("chaos_only")(
-    pytest.mark.chaos(isolation_property(CHAOS_EXAMPLES))
-)
+test_isolation_at_the_issue_scale = pytest.mark.chaos(isolation_property(CHAOS_EXAMPLES))
 
 
 # -- 18: request parameters never widen scope ----------------------------------------------------
@@ -1038,7 +1027,6 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(
 
 
 @pytest.mark.chaos
-@pytest.mark.usefixtures("chaos_only")
 def test_schemathesis_at_length(fresh_database: str, tmp_path: Path, clock: Clock) -> None:
     fuzz_gateway(fresh_database, tmp_path, clock, CHAOS_FUZZ_EXAMPLES)
 
