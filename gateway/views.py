@@ -364,12 +364,10 @@ def delta_page(
         )
     # keys that changes of a parent entity point at (related rules)
     for parent in rule.parents:
+        parent_items = [i for i in rule.view.items[parent] if i.distribution != "related"]
         # and keys of parent rows a moving time window carried in or out of the parent's view
         rule.compiled.windows.clear()
-        rule._rules(  # compiles the parent's window atoms over alias p
-            parent, [i for i in rule.view.items[parent] if i.distribution != "related"], "p",
-            "new", True,
-        )  # fmt: skip
+        rule._rules(parent, parent_items, "p", "new", True)  # the window atoms over alias p
         parent_moved = sql.SQL(" OR ").join(
             sql.SQL("({} IS DISTINCT FROM {})").format(a, b) for a, b in rule.compiled.windows
         )
@@ -393,7 +391,6 @@ def delta_page(
                 )
             # parent images that point at a key; only those the parent's rules pass on either
             # side can change whether that key is seen (the same argument as above)
-            parent_items = [i for i in rule.view.items[parent] if i.distribution != "related"]
             candidates.append(
                 sql.SQL(
                     "SELECT jsonb_build_object({key}, img -> {column}) FROM {schema}.{plog} l"
