@@ -65,7 +65,7 @@ says which one fell behind.
 The broker's fetch wake-up (context for the projector's share, in the details): a consumer
 waits on an empty partition while a message is produced every 50 ms; the time from each
 acknowledgement to its receipt, with ``fetch.max.wait.ms`` 1,500 (the value faust's driver
-gives every worker consumer) and with 100 (the projector's, ``FIELDSYNC_CONSUMER_FETCH_MAX_WAIT_
+gives every worker consumer) and with 100 (``FIELDSYNC_CONSUMER_FETCH_MAX_WAIT_
 MS``). The embedded broker completes such a waiting fetch only about half-way through its
 maximum wait, rather than when data arrives.
 
@@ -603,6 +603,7 @@ def _env(bootstrap: str, staging: str, workdir: Path, **extra: str) -> dict[str,
         FIELDSYNC_BROKER_REBALANCE_TIMEOUT_S="5",
         FIELDSYNC_BROKER_SESSION_TIMEOUT_S="10",
         FIELDSYNC_BROKER_HEARTBEAT_INTERVAL_S="1",
+        FIELDSYNC_CONSUMER_FETCH_MAX_WAIT_MS="100",  # the embedded broker holds a fetch the wait
         FIELDSYNC_LOG_LEVEL="WARNING",
     )
     env.update(extra)
@@ -654,7 +655,7 @@ def _broker(ctx: BenchContext, workdir: Path) -> Iterator[str]:
         broker.stop()
 
 
-FAUST_FETCH_MAX_WAIT_MS = 1500  # faust's aiokafka driver's (the projector overrides it)
+FAUST_FETCH_MAX_WAIT_MS = 1500  # faust's aiokafka driver's default
 
 
 async def _fetch_wake(bootstrap: str, fetch_max_wait_ms: int, messages: int = 30) -> list[float]:
