@@ -183,6 +183,67 @@ def test_values_staging_cannot_hold_are_dead_lettered_with_a_reason(fresh_databa
     assert staged(fresh_database, ORG, "a") == {k: as_staged(r) for k, r in oracle.items()}
 
 
+def writers_of(dsn: str, org: str, entity: str, keys: Sequence[int]) -> set[int]:
+    """The transactions that last wrote these rows (``xmin``)."""
+    with psycopg.connect(dsn) as conn:
+        found = conn.execute(
+            f"SELECT xmin::text FROM org_{org}.{entity} WHERE id = ANY(%s)", (list(keys),)
+        )
+        return {int(row[0]) for row in found}
+
+
+def test_a_batch_is_one_transaction_and_a_refused_value_sends_it_entity_by_entity(
+    fresh_database: str,
+) -> None:
+    harness = Harness(fresh_database)
+    groups = [(org, entity) for org in (ORG, OTHER) for entity in "ab"]
+    oracle: dict[tuple[str, str], dict[int, dict[str, Any]]] = {g: {} for g in groups}
+
+    def batch(version: int, keys: range) -> list[RawMessage]:
+        messages = []
+        for key in keys:  # interleaved: every entity has the same shape and the same keys
+            for org, entity in groups:
+                row = {**healthy_row(key, version), "name": f"{org}.{entity}.{key}.{version}"}
+                oracle[(org, entity)][key] = row
+                messages.append(harness.change(org, entity, "c" if version == 0 else "u", row))
+        return messages
+
+    report = harness.handle(batch(0, range(20)))
+    assert report.applied == 80 and report.dead_lettered == 0
+    for org, entity in groups:  # no entity's rows ended up in another's table
+        assert staged(fresh_database, org, entity) == {
+            k: as_staged(r) for k, r in oracle[(org, entity)].items()
+        }
+        assert_change_log_sound(fresh_database, org, entity)
+    together = set().union(*(writers_of(fresh_database, o, e, range(20)) for o, e in groups))
+    assert len(together) == 1  # one transaction wrote all four entities
+
+    # a value only staging refuses in (OTHER, "a"): that batch's transaction rolls back and
+    # each entity is written alone; only the refused change is dead-lettered
+    messages = batch(1, range(10))
+    poison = harness.change(OTHER, "a", "u", {**healthy_row(3, 2), "doc": '["\\ud800"]'})
+    report = harness.handle([*messages[:17], poison, *messages[17:]])
+    assert report.applied == 40 and report.dead_lettered == 1
+    assert [(letter.message.offset, letter.reason) for letter in harness.letters] == [
+        (poison.offset, "bad_value")
+    ]
+    for org, entity in groups:
+        assert staged(fresh_database, org, entity) == {
+            k: as_staged(r) for k, r in oracle[(org, entity)].items()
+        }
+        assert_change_log_sound(fresh_database, org, entity)
+    alone = {g: writers_of(fresh_database, *g, range(10)) for g in groups}
+    assert sum(len(w) for w in alone.values()) == len(set().union(*alone.values()))  # disjoint
+    assert [len(alone[g]) for g in groups if g != (OTHER, "a")] == [1, 1, 1]
+    assert len(alone[(OTHER, "a")]) > 1  # split in halves around the refused change
+    assert counts(fresh_database) == {
+        (ORG, "a"): (30, 30, 0, 0),
+        (ORG, "b"): (30, 30, 0, 0),
+        (OTHER, "a"): (31, 30, 0, 1),
+        (OTHER, "b"): (30, 30, 0, 0),
+    }
+
+
 def test_the_breaker_stops_an_org_instead_of_dead_lettering_its_traffic(
     fresh_database: str,
 ) -> None:

@@ -64,23 +64,20 @@ def ensure_columns(conn: psycopg.Connection[Any], schema: str) -> None:
 
 
 def admit(
-    conn: psycopg.Connection[Any], schema: str, entity: str, events: Sequence[ChangeEvent]
+    conn: psycopg.Connection[Any],
+    schema: str,
+    entity: str,
+    events: Sequence[ChangeEvent],
+    stored: tuple[str | None, Sequence[str] | None],
 ) -> tuple[list[ChangeEvent], int]:
     """(events to apply, events of retired epochs skipped); raises :class:`NewCaptureEpoch`.
-    The caller holds the entity's ``_fs_entities`` row lock."""
+    The caller holds the entity's ``_fs_entities`` row lock and read ``stored`` (its
+    ``capture_epoch`` and ``retired_epochs``) with it."""
     epochs = [e.epoch for e in events if e.epoch is not None]
     if not epochs:
         return list(events), 0
-    entities = sql.Identifier(schema), sql.SQL("_fs_entities")
-    row = conn.execute(
-        sql.SQL("SELECT capture_epoch, retired_epochs FROM {}.{} WHERE entity = %s").format(
-            *entities
-        ),
-        (entity,),
-    ).fetchone()
-    assert row is not None
-    current: str | None = row[0]
-    retired: set[str] = set(row[1] or ())
+    current: str | None = stored[0]
+    retired: set[str] = set(stored[1] or ())
     if current is None:
         current, retired = _adopt(conn, schema, entity, epochs)
     new = [e for e in epochs if e != current and e not in retired]

@@ -5,11 +5,12 @@ For a batch of raw messages:
      is not known, becomes a dead letter with its reason.
   2. Group the changes by org and entity. A group whose columns changed type (staging's
      catalog tells, nothing is written) stops its entity: ``incompatible_schema``.
-  3. Apply each group to staging in its own transaction (idempotent by source position). A
-     value staging refuses (a numeric that overflows its precision, a NUL character in text,
-     JSON that does not parse) fails the transaction: the group is split in halves, in source
-     order, until the refused events are found; they become dead letters (``type_overflow``,
-     ``bad_value``) and the rest is applied.
+  3. Apply the groups to staging (idempotent by source position): those of one staging server
+     in one transaction; when that fails, each group in its own. A value staging refuses (a
+     numeric that overflows its precision, a NUL character in text, JSON that does not parse)
+     fails the group's transaction: the group is split in halves, in source order, until the
+     refused events are found; they become dead letters (``type_overflow``, ``bad_value``) and
+     the rest is applied.
   4. The error-rate breaker: an org whose latest events failed too often (decode or staging)
      stops with ``error_rate_exceeded`` instead of dead-lettering them (:mod:`.stops`).
   5. Send the dead letters and wait for the broker's acknowledgement.
@@ -258,25 +259,14 @@ class Projector:
         for letter in dead:
             if letter.org is not None:
                 failed_orgs[letter.org] += 1
-        for (org, entity), events in groups.items():  # step 3
 
-            def give_up(refused: int, org: str = org) -> bool:
-                failed = failed_orgs[org] + refused
-                ok = batch_events[org] - failed
-                return self._would_trip(org, [False] * ok + [True] * failed)
-
-            try:
-                result, refused = await asyncio.to_thread(
-                    self._apply, known[org], org, entity, events, give_up
-                )
-            except IncompatibleSchema as error:  # the table changed since step 2
-                stop = Stop(org, entity, INCOMPATIBLE_SCHEMA, error.args[0], None, error.conflicts)
-                await self._stop([stop], known)
-            except _GiveUp as giving_up:
-                letters = [_refused(org, e, error, by_origin) for e, error in giving_up.refused]
-                await self._trip([org], messages, org_of, [*dead, *letters], known)
-            failed_orgs[org] += len(refused)
-            dead += [_refused(org, event, error, by_origin) for event, error in refused]
+        def tally(
+            org: str,
+            entity: str,
+            events: list[ChangeEvent],
+            result: ApplyResult,
+            refused: Sequence[tuple[ChangeEvent, psycopg.Error]],
+        ) -> None:
             counts = report.per_entity[(org, entity)]
             counts[0] += len(events) - len(refused)
             counts[1] += result.applied
@@ -285,6 +275,38 @@ class Projector:
             report.duplicates += result.duplicates
             if result.watermark:
                 METRICS.watermark.labels(org, entity).set(result.watermark)
+
+        by_server: dict[str, list[tuple[str, str, list[ChangeEvent]]]] = defaultdict(list)
+        for (org, entity), events in groups.items():  # step 3
+            by_server[known[org]].append((org, entity, events))
+        for server, server_groups in by_server.items():
+            together = await asyncio.to_thread(self._apply_together, server, server_groups)
+            if together is not None:
+                for (org, entity, events), result in zip(server_groups, together, strict=True):
+                    tally(org, entity, events, result, [])
+                continue
+            for org, entity, events in server_groups:  # entity by entity
+
+                def give_up(refused: int, org: str = org) -> bool:
+                    failed = failed_orgs[org] + refused
+                    ok = batch_events[org] - failed
+                    return self._would_trip(org, [False] * ok + [True] * failed)
+
+                try:
+                    result, refused = await asyncio.to_thread(
+                        self._apply, server, org, entity, events, give_up
+                    )
+                except IncompatibleSchema as error:  # the table changed since step 2
+                    stop = Stop(
+                        org, entity, INCOMPATIBLE_SCHEMA, error.args[0], None, error.conflicts
+                    )
+                    await self._stop([stop], known)
+                except _GiveUp as giving_up:
+                    letters = [_refused(org, e, error, by_origin) for e, error in giving_up.refused]
+                    await self._trip([org], messages, org_of, [*dead, *letters], known)
+                failed_orgs[org] += len(refused)
+                dead += [_refused(org, event, error, by_origin) for event, error in refused]
+                tally(org, entity, events, result, refused)
 
         outcomes = self._outcomes(messages, org_of, dead)  # step 4
         tripped = [org for org, seen in outcomes.items() if self._would_trip(org, seen)]
@@ -387,6 +409,24 @@ class Projector:
         except CONNECTION_LOST:
             self._staging.pop(server, None)
             raise
+
+    def _apply_together(
+        self, server: str, groups: Sequence[tuple[str, str, list[ChangeEvent]]]
+    ) -> list[ApplyResult] | None:
+        """A batch's entities on one server in one transaction; None when staging raised
+        anything but a lost connection: then each entity goes alone (:meth:`_apply`), where a
+        refused value, a new capture epoch or a changed table is handled for that entity."""
+        if len(groups) < 2:
+            return None
+        staging = self._connection(server)
+        try:
+            return staging.apply_together(groups)
+        except CONNECTION_LOST:
+            self._staging.pop(server, None)  # reconnect next time; the batch is re-delivered
+            raise
+        except Exception as error:  # redone entity by entity, which reports it
+            log.debug("server %s: one transaction for the batch failed (%s)", server, error)
+            return None
 
     def _apply(
         self,

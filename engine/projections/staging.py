@@ -350,6 +350,9 @@ class Staging:
         shapes = _distinct_shapes(events)
         if not shapes:
             return None
+        cached = self._entities.get((org, entity))
+        if cached is not None and _type_conflict(org, entity, cached, shapes) is None:
+            return None  # what apply checks first (a conflict is confirmed in the catalog)
         conflict: IncompatibleSchema | None = None
         for _attempt in range(2):
             try:
@@ -390,72 +393,104 @@ class Staging:
                 )
         raise ProjectionError(f"org {org}: the capture epoch keeps changing ({entity})")
 
+    def apply_together(
+        self, groups: Sequence[tuple[str, str, Sequence[ChangeEvent]]]
+    ) -> list[ApplyResult]:
+        """Apply several entities' events, (org, entity, events) each, in ONE transaction:
+        one commit for a batch rather than one per entity, which is most of an entity's cost
+        when a batch spreads over many entities with a few events each.
+
+        The entities are locked in (org, entity) order, the order of :func:`capture_epochs.reset`
+        too, so concurrent writers cannot deadlock. Anything raised rolls all of it back and
+        forgets the cached state of the orgs involved (tables it created are gone); the caller
+        then applies entity by entity with :meth:`apply`, which handles each failure (a refused
+        value, a new capture epoch, a swapped schema) for its entity alone.
+        """
+        results = [ApplyResult() for _ in groups]
+        try:
+            with self.conn.transaction():
+                for index in sorted(range(len(groups)), key=lambda i: groups[i][:2]):
+                    org, entity, events = groups[index]
+                    results[index] = self._apply_in_transaction(org, entity, events)
+                faults.reached("before_db_commit")
+        except BaseException:
+            for org in {org for org, _entity, _events in groups}:
+                self.forget(org)
+            raise
+        return results
+
     def _apply(self, org: str, entity: str, events: Sequence[ChangeEvent]) -> ApplyResult:
+        with self.conn.transaction():
+            result = self._apply_in_transaction(org, entity, events)
+            faults.reached("before_db_commit")
+        return result
+
+    def _apply_in_transaction(
+        self, org: str, entity: str, events: Sequence[ChangeEvent]
+    ) -> ApplyResult:
         result = ApplyResult()
         if not events:
             return result
-        with self.conn.transaction():
-            schema = sql.Identifier(self._schema(org))
-            shapes = _distinct_shapes(events)
-            shape = _merge_shapes(shapes)
-            if shape is not None:
-                state = self.ensure_entity(org, entity, shape, shapes)
-            else:
-                self.ensure_org(org)
-                state = self._state(org, entity)
-                keyed = next((e.shape for e in events if e.shape.key_names), None)
-                if not state.columns and keyed is not None:
-                    # a truncate of an entity never seen, that names its columns (ours do):
-                    # create the entity, so that the truncate's position is kept and changes
-                    # older than it, arriving later (from another partition), stay skipped
-                    state = self.ensure_entity(org, entity, keyed)
-                elif not state.columns:  # nothing to create it from: nothing to do
-                    result.duplicates = len(events)
-                    return result
-            # step 1: serialise writers of this entity
-            watermark, t_commit, t_lsn, p_commit, p_lsn = self.conn.execute(  # type: ignore[misc]
-                sql.SQL(
-                    "SELECT version, truncated_commit_lsn, truncated_lsn,"
-                    " purged_commit_lsn, purged_lsn"
-                    " FROM {}._fs_entities WHERE entity = %s FOR UPDATE"
-                ).format(schema),
-                (entity,),
-            ).fetchone()
-            events, stale = capture_epochs.admit(self.conn, self._schema(org), entity, events)
-            truncate = max(
-                (e for e in events if e.op == "t"), key=lambda e: e.position, default=None
-            )
-            _newer_truncate = truncate is not None and (
-                truncate.position.commit_lsn,
-                truncate.position.lsn,
-            ) > (t_commit, t_lsn)
-            if truncate is not None and _newer_truncate:
-                truncated, watermark = self._truncate(org, entity, state, truncate, watermark)
-                result.truncated_rows = truncated
-                t_commit, t_lsn = truncate.position.commit_lsn, truncate.position.lsn
-            truncates = [e for e in events if e.op == "t"]
-            applied_truncate = int(_newer_truncate)
-            rows = [e for e in events if e.op != "t"]
-            newer, written = self._merge(
-                org, entity, state, shape, rows, watermark, (t_commit, t_lsn), (p_commit, p_lsn)
-            )
-            result.applied = newer + applied_truncate
-            result.duplicates = len(rows) - newer + len(truncates) - applied_truncate + stale
-            watermark += written
-            if written or _newer_truncate:
-                self.conn.execute(
-                    sql.SQL(
-                        "UPDATE {}._fs_entities SET version = %s, truncated_commit_lsn = %s, "
-                        "truncated_lsn = %s, updated_at = now() WHERE entity = %s"
-                    ).format(schema),
-                    (watermark, t_commit, t_lsn, entity),
-                )
-                if self._notify:  # delivered at commit: wakes the gateway's long-polls
-                    self.conn.execute(
-                        "SELECT pg_notify(%s, %s)", (CHANGES_CHANNEL, f"{org}.{entity}:{watermark}")
-                    )
-            result.watermark = watermark
-            faults.reached("before_db_commit")
+        schema = sql.Identifier(self._schema(org))
+        shapes = _distinct_shapes(events)
+        shape = _merge_shapes(shapes)
+        if shape is not None:
+            state = self.ensure_entity(org, entity, shape, shapes)
+        else:
+            self.ensure_org(org)
+            state = self._state(org, entity)
+            keyed = next((e.shape for e in events if e.shape.key_names), None)
+            if not state.columns and keyed is not None:
+                # a truncate of an entity never seen, that names its columns (ours do):
+                # create the entity, so that the truncate's position is kept and changes
+                # older than it, arriving later (from another partition), stay skipped
+                state = self.ensure_entity(org, entity, keyed)
+            elif not state.columns:  # nothing to create it from: nothing to do
+                result.duplicates = len(events)
+                return result
+        # step 1: serialise writers of this entity
+        watermark, t_commit, t_lsn, p_commit, p_lsn, epoch, retired = self.conn.execute(  # type: ignore[misc]
+            sql.SQL(
+                "SELECT version, truncated_commit_lsn, truncated_lsn,"
+                " purged_commit_lsn, purged_lsn, capture_epoch, retired_epochs"
+                " FROM {}._fs_entities WHERE entity = %s FOR UPDATE"
+            ).format(schema),
+            (entity,),
+        ).fetchone()
+        events, stale = capture_epochs.admit(
+            self.conn, self._schema(org), entity, events, (epoch, retired)
+        )
+        truncate = max((e for e in events if e.op == "t"), key=lambda e: e.position, default=None)
+        _newer_truncate = truncate is not None and (
+            truncate.position.commit_lsn,
+            truncate.position.lsn,
+        ) > (t_commit, t_lsn)
+        if truncate is not None and _newer_truncate:
+            truncated, watermark = self._truncate(org, entity, state, truncate, watermark)
+            result.truncated_rows = truncated
+            t_commit, t_lsn = truncate.position.commit_lsn, truncate.position.lsn
+        truncates = [e for e in events if e.op == "t"]
+        applied_truncate = int(_newer_truncate)
+        rows = [e for e in events if e.op != "t"]
+        newer, written = self._merge(
+            org, entity, state, shape, rows, watermark, (t_commit, t_lsn), (p_commit, p_lsn)
+        )
+        result.applied = newer + applied_truncate
+        result.duplicates = len(rows) - newer + len(truncates) - applied_truncate + stale
+        watermark += written
+        if written or _newer_truncate:
+            update = sql.SQL(
+                "UPDATE {}._fs_entities SET version = %s, truncated_commit_lsn = %s, "
+                "truncated_lsn = %s, updated_at = now() WHERE entity = %s"
+            ).format(schema)
+            params: tuple[Any, ...] = (watermark, t_commit, t_lsn, entity)
+            if self._notify:  # delivered at commit: wakes the gateway's long-polls
+                update = sql.SQL(
+                    "WITH moved AS ({} RETURNING 1) SELECT pg_notify(%s, %s) FROM moved"
+                ).format(update)
+                params += (CHANGES_CHANNEL, f"{org}.{entity}:{watermark}")
+            self.conn.execute(update, params)
+        result.watermark = watermark
         return result
 
     def _truncate(
@@ -721,10 +756,10 @@ class Staging:
         )
         return sql.SQL(
             """
-            WITH incoming AS (
-                SELECT {incoming_columns}, _fs_op, _fs_unavailable, _fs_commit_lsn, _fs_lsn,
-                       _fs_changed_at, _fs_epoch
-                FROM {temp}
+            WITH incoming AS (  -- taken out: the next entity of the transaction fills it anew
+                DELETE FROM {temp}
+                RETURNING {incoming_columns}, _fs_op, _fs_unavailable, _fs_commit_lsn, _fs_lsn,
+                          _fs_changed_at, _fs_epoch
             ), cur AS (
                 SELECT t.* FROM {schema}.{table} t
                 WHERE ({key_list}) IN (SELECT {key_list} FROM incoming)

@@ -124,7 +124,7 @@ class EmbeddedPostgres:
                 f"-c wal_level={self.wal_level}",
                 "-c max_replication_slots=200",
                 "-c max_wal_senders=200",
-                "-c max_connections=300",
+                "-c max_connections=1000",
                 f"-c fsync={'on' if self.fsync else 'off'}",
                 f"-c synchronous_commit={'on' if self.fsync else 'off'}",
                 "-c full_page_writes=off" if not self.fsync else "",
