@@ -27,7 +27,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, NoReturn
 
 import faust
@@ -76,8 +76,12 @@ CHANGE_TOPIC = re.compile(r"^fieldsync\.([a-z][a-z0-9_]{0,39})\.([a-z_][a-z0-9_]
 NOT_ENTITIES = {"transaction", "dlq", "heartbeat"}
 
 
-def change_topics(bootstrap_servers: str, extra: Sequence[str] = ()) -> list[str]:
-    """Every FieldSync change topic on the broker, plus mapped Debezium topics that exist."""
+def change_topics(
+    bootstrap_servers: str, extra: Sequence[str] = (), ready: Collection[str] = ()
+) -> list[str]:
+    """Every FieldSync change topic on the broker, plus mapped Debezium topics that exist.
+    Topics in ``ready`` are known to have their partitions: only the others are described
+    (describing a thousand topics every refresh would cost the worker seconds of CPU)."""
     admin = KafkaAdminClient(
         **client_options(),
         bootstrap_servers=bootstrap_servers,
@@ -88,16 +92,20 @@ def change_topics(bootstrap_servers: str, extra: Sequence[str] = ()) -> list[str
         ours = {
             t for t in existing if (m := CHANGE_TOPIC.match(t)) and m.group(2) not in NOT_ENTITIES
         }
-        wanted = sorted(ours | (set(extra) & existing))
+        wanted = ours | (set(extra) & existing)
+        unknown = sorted(wanted - set(ready))
         # a topic created a moment ago may be listed before its partitions are: subscribing
         # then yields an empty assignment, so such a topic waits for the next refresh
-        described = admin.describe_topics(wanted) if wanted else []
+        described = admin.describe_topics(unknown) if unknown else []
     finally:
         admin.close()
-    return sorted(  # kafka-python 3 names the field "name", 2.x "topic"
-        d.get("name") or d["topic"]
-        for d in described
-        if not d.get("error_code") and d.get("partitions")
+    return sorted(
+        (wanted & set(ready))
+        | {  # kafka-python 3 names the field "name", 2.x "topic"
+            d.get("name") or d["topic"]
+            for d in described
+            if not d.get("error_code") and d.get("partitions")
+        }
     )
 
 
@@ -150,8 +158,11 @@ class OrgRegistry:
             (held if stopped_route(self.stops, router.route(topic)) else keep).append(topic)
         return keep, held
 
-    def wanted_topics(self, bootstrap_servers: str) -> tuple[list[str], list[str]]:
-        return self.consumable(change_topics(bootstrap_servers, list(self.debezium_topics)))
+    def wanted_topics(
+        self, bootstrap_servers: str, ready: Collection[str] = ()
+    ) -> tuple[list[str], list[str]]:
+        """(topics to consume, topics held back); ``ready``: see :func:`change_topics`."""
+        return self.consumable(change_topics(bootstrap_servers, list(self.debezium_topics), ready))
 
 
 def register_org(
@@ -295,7 +306,9 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
         except psycopg.OperationalError as error:  # staging out of reach: keep what we know
             log.warning("orgs not refreshed (%s); trying again at the next refresh", error)
             return
-        current, now_held = await asyncio.to_thread(registry.wanted_topics, bootstrap_servers)
+        current, now_held = await asyncio.to_thread(
+            registry.wanted_topics, bootstrap_servers, {*subscribed, *held}
+        )
         new = sorted(set(current) - set(subscribed))
         gone = sorted(set(subscribed) - set(current))  # removed, or its org/entity stopped
         if new or gone:

@@ -237,13 +237,10 @@ class Projector:
             groups[(decoded.org, decoded.entity)].append(decoded)
 
         incompatible = []  # step 2
-        for (org, entity), events in groups.items():
-            conflict = await asyncio.to_thread(
-                self._incompatibility, known[org], org, entity, events
-            )
-            if conflict is not None:
-                detail, conflicts = conflict.args[0], conflict.conflicts
-                incompatible.append(Stop(org, entity, INCOMPATIBLE_SCHEMA, detail, None, conflicts))
+        conflicts_found = await asyncio.to_thread(self._incompatibilities, groups, known)
+        for (org, entity), conflict in conflicts_found.items():
+            detail, conflicts = conflict.args[0], conflict.conflicts
+            incompatible.append(Stop(org, entity, INCOMPATIBLE_SCHEMA, detail, None, conflicts))
         if incompatible:  # orgs whose decoding failed too often stop in the same go
             outcomes = self._outcomes(messages, org_of, dead)
             tripped = [org for org, seen in outcomes.items() if self._would_trip(org, seen)]
@@ -400,15 +397,22 @@ class Projector:
         staging.forget(stop.org)
 
     # -- staging -------------------------------------------------------------------------
-    def _incompatibility(
-        self, server: str, org: str, entity: str, events: list[ChangeEvent]
-    ) -> IncompatibleSchema | None:
-        staging = self._connection(server)
-        try:
-            return staging.incompatibility(org, entity, events)
-        except CONNECTION_LOST:
-            self._staging.pop(server, None)
-            raise
+    def _incompatibilities(
+        self, groups: Mapping[tuple[str, str], list[ChangeEvent]], known: Mapping[str, str]
+    ) -> dict[tuple[str, str], IncompatibleSchema]:
+        """The groups whose columns changed type (one thread hop for the whole batch)."""
+        found = {}
+        for (org, entity), events in groups.items():
+            server = known[org]
+            staging = self._connection(server)
+            try:
+                conflict = staging.incompatibility(org, entity, events)
+            except CONNECTION_LOST:
+                self._staging.pop(server, None)
+                raise
+            if conflict is not None:
+                found[(org, entity)] = conflict
+        return found
 
     def _apply_together(
         self, server: str, groups: Sequence[tuple[str, str, list[ChangeEvent]]]
