@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import signal
 import subprocess
 import sys
@@ -26,6 +27,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(width=None if sys.stdout.isatty() else 120)
+
+
+@app.callback()
+def _every_command() -> None:
+    """``kill -USR1 <pid>`` makes any FieldSync process write every thread's stack to stderr
+    (faust workers replace this with mode's dump, which lists their asyncio tasks too): how a
+    process that has stopped making progress tells where it waits."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def _settings() -> Settings:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -28,17 +29,45 @@ def projector_env(bootstrap: str, staging_dsn: str, **extra: str) -> dict[str, s
     }
 
 
+_WRITERS: dict[Path, list[subprocess.Popen[bytes]]] = {}  # log → the processes writing it
+
+
 def start_worker(
     command: str, env: dict[str, str], log: Path, *args: str
 ) -> subprocess.Popen[bytes]:
     """``fieldsync <command>`` as a process of its own, output appended to ``log``."""
     with log.open("ab") as out:
-        return subprocess.Popen(
+        process = subprocess.Popen(
             [str(Path(sys.executable).parent / "fieldsync"), command, *args],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+    _WRITERS.setdefault(log, []).append(process)
+    return process
+
+
+def stacks_of_writers(log: Path) -> str:
+    """Every live process writing ``log`` dumps its stacks into it (SIGUSR1, see
+    ``engine.cli``); returns their frames (not the locals faust's dump adds): where a stuck
+    worker waits."""
+    size = log.stat().st_size if log.exists() else 0
+    alive = [p for p in _WRITERS.get(log, []) if p.poll() is None]
+    for process in alive:
+        process.send_signal(signal.SIGUSR1)
+    if alive:
+        time.sleep(3)
+    with log.open("rb") as read:
+        read.seek(size)
+        dump = read.read().decode(errors="replace")
+    frames: list[str] = []
+    for line in dump.splitlines():
+        text = line.strip()
+        if text.startswith(("THREAD", "Stack for", "File ", "Thread 0x", "Current thread")) or (
+            frames and frames[-1].lstrip().startswith("File ")  # the frame's code line
+        ):
+            frames.append(line[:240])
+    return "\n".join(frames)
 
 
 def start_projector(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
@@ -52,7 +81,10 @@ def wait_until(
     while not condition():
         if time.monotonic() > deadline:
             tail = log.read_text()[-4000:] if log and log.exists() else ""
-            raise AssertionError(f"timed out waiting for {what}\n{tail}")
+            stacks = stacks_of_writers(log)[-30_000:] if log else ""
+            raise AssertionError(
+                f"timed out waiting for {what}\n{tail}\n--- stacks of its workers ---\n{stacks}"
+            )
         time.sleep(0.25)
 
 
