@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
 import signal
 import subprocess
@@ -34,7 +35,9 @@ def _every_command() -> None:
     """``kill -USR1 <pid>`` makes any FieldSync process write every thread's stack to stderr
     (faust workers replace this with mode's dump, which lists their asyncio tasks too): how a
     process that has stopped making progress tells where it waits."""
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # a stderr without a file descriptor (a captured one, when invoked in-process) has none
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def _settings() -> Settings:

@@ -131,6 +131,13 @@ class Settings(BaseSettings):
         ge=1,
         description="Events an org's window must hold before the breaker may stop it.",
     )
+    projector_stall_timeout_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="A worker whose agent has handled nothing this long while its partitions "
+        "stay behind the broker's end restarts itself (faust's consumer can stop fetching "
+        "silently); 0 = never.",
+    )
     projector_idle_transaction_timeout_s: float = Field(
         default=30.0,
         gt=0,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import os
 import re
@@ -57,6 +58,7 @@ from engine.projections.stops import (
     read_stops,
     stopped_route,
 )
+from engine.projections.watchdog import StallWatch
 from engine.runtime.faust_app import faust_app
 from engine.runtime.kafka import client_options
 from engine.runtime.placement import StagingServers
@@ -267,6 +269,8 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
         idle_transaction_timeout_s=settings.projector_idle_transaction_timeout_s,
     )
 
+    watch: StallWatch[Any] = StallWatch(settings.projector_stall_timeout_s)
+
     @app.agent(channel, concurrency=1)
     async def project(stream: faust.StreamT[Any]) -> None:
         # faust declares take_events on Stream only, not on the StreamT interface agents receive
@@ -288,7 +292,11 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
                 for e in events
             ]
             schema_tail.mark_batch()
-            report = await _handle_until_done(projector, messages, app)
+            watch.batch_begins()
+            try:
+                report = await _handle_until_done(projector, messages, app)
+            finally:
+                watch.batch_ends()
             faults.reached("before_offset_commit")
             _update_lag(app)  # fresh after every batch; the refresh timer covers idle spells
             log.debug(
@@ -323,6 +331,12 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
             await _commit_acknowledged(app)
             _reexec()
         _update_lag(app)
+
+    if watch.timeout_s > 0:
+
+        @app.timer(max(1.0, watch.timeout_s / 4))  # type: ignore[untyped-decorator]  # faust: bare Callable
+        async def watch_fetching() -> None:
+            await _check_stall(app, watch)
 
     @app.timer(settings.retention_purge_interval_s)  # type: ignore[untyped-decorator]  # faust: bare Callable
     async def purge_below_horizon() -> None:
@@ -367,6 +381,42 @@ async def _handle_until_done(
             log.exception("projector stopped by an unexpected error; exiting for a clean restart")
             sys.stderr.flush()
             os._exit(70)
+
+
+async def _check_stall(app: faust.App, watch: StallWatch[Any]) -> None:
+    """Restart a worker whose consumer stopped fetching (:mod:`engine.projections.watchdog`);
+    a batch running longer than the timeout gets its threads' stacks logged, once."""
+    assigned = app.consumer.assignment()
+    if assigned and faults.armed("fetching") and faults.reached("fetching"):
+        app.consumer.pause_partitions(assigned)
+    running = watch.long_batch()
+    if running is not None:
+        log.warning("a batch has been running for %.0f s; where each thread is:", running)
+        sys.stderr.flush()
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # no file descriptor
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    if not assigned or not watch.worth_checking():
+        return
+    try:
+        ends = await asyncio.wait_for(app.consumer.highwaters(*assigned), 30)
+        positions = {tp: await asyncio.wait_for(app.consumer.position(tp), 30) for tp in assigned}
+    except Exception as error:  # broker out of reach: nothing to conclude from this check
+        log.debug("stall check skipped (%s)", error)
+        return
+    stalled = watch.stalled(positions, ends)
+    if stalled:
+        log.error(
+            "%d partition(s) have messages waiting at the broker, yet the worker has fetched"
+            " nothing for %.0f s (%s): restarting the worker",
+            len(stalled),
+            watch.timeout_s,
+            ", ".join(
+                f"{tp.topic}[{tp.partition}] at {position} of {end}"
+                for tp, (position, end) in sorted(stalled.items(), key=str)[:10]
+            ),
+        )
+        await _commit_acknowledged(app)
+        _reexec()
 
 
 def _update_lag(app: faust.App) -> None:

@@ -6,7 +6,12 @@ production. The points (``docs/reliability.md``, crash-point matrix):
 
 * ``before_db_commit``: a batch's rows are written, its staging transaction not committed;
 * ``before_offset_commit``: the batch is committed to staging, its offsets not acknowledged;
-* ``after_offset_commit``: the previous batches' offsets are committed to the broker.
+* ``after_offset_commit``: the previous batches' offsets are committed to the broker;
+* ``fetching``: the worker holds partitions (passed at each stall check,
+  ``engine/projections/watchdog.py``).
+
+The action ``stall`` (for ``fetching``) makes the consumer stop fetching, silently, as faust's
+consumer sometimes does; it fires once per worker, re-executions included.
 """
 
 from __future__ import annotations
@@ -17,11 +22,11 @@ import signal
 import sys
 import time
 
-POINTS = ("before_db_commit", "before_offset_commit", "after_offset_commit")
+POINTS = ("before_db_commit", "before_offset_commit", "after_offset_commit", "fetching")
 EXIT_CODE = 86
 
 log = logging.getLogger("fieldsync.projector")
-ACTIONS = ("exit", "stop")
+ACTIONS = ("exit", "stop", "stall")
 _armed: dict[str, int] = {}  # point → hits left before the fault
 _action: dict[str, str] = {}  # point → what happens there
 
@@ -34,11 +39,17 @@ def arm(setting: str | None) -> None:
         return
     point, _, rest = setting.partition(":")
     count, _, action = rest.partition(":")
-    action = action or "exit"
-    if point not in POINTS or not count.isdigit() or int(count) < 1 or action not in ACTIONS:
+    action = action or ("stall" if point == "fetching" else "exit")
+    if (
+        point not in POINTS
+        or not count.isdigit()
+        or int(count) < 1
+        or action not in ACTIONS
+        or (action == "stall") != (point == "fetching")
+    ):
         raise ValueError(
             f"fault point {setting!r}: expected <point>:<n>[:<action>], points {POINTS},"
-            f" actions {ACTIONS}"
+            f" actions {ACTIONS} (stall is fetching's only action)"
         )
     _armed[point] = int(count)
     _action[point] = action
@@ -48,20 +59,26 @@ def armed(point: str) -> bool:
     return point in _armed
 
 
-def reached(point: str) -> None:
-    """Count a pass through ``point``; exit (or stop) at the armed count."""
+def reached(point: str) -> bool:
+    """Count a pass through ``point``; exit (or stop) at the armed count. True when the caller
+    is to act out the fault itself (``stall``)."""
     if point not in _armed:
-        return
+        return False
     _armed[point] -= 1
     if _armed[point] != 0:
-        return
+        return False
+    if _action[point] == "stall":
+        log.warning("fault point %s reached: the consumer stops fetching", point)
+        del _armed[point]
+        os.environ.pop("FIELDSYNC_FAULT_POINT", None)  # a re-executed worker fetches again
+        return True
     if _action[point] == "stop":
         log.warning("fault point %s reached: stopping until SIGCONT", point)
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGSTOP)
         time.sleep(1.0)  # some kernels stop the calling thread only at its next kernel entry
         log.warning("fault point %s: continued", point)
-        return
+        return False
     log.warning("fault point %s reached: exiting", point)
     sys.stderr.flush()
     os._exit(EXIT_CODE)
