@@ -395,6 +395,9 @@ async def _check_stall(app: faust.App, watch: StallWatch[Any]) -> None:
         sys.stderr.flush()
         with contextlib.suppress(AttributeError, ValueError, OSError):  # no file descriptor
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    if app.rebalancing:  # flow stops while the group rebalances: count from its end
+        watch.moved()
+        return
     if not assigned or not watch.worth_checking():
         return
     try:

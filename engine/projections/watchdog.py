@@ -40,8 +40,12 @@ class StallWatch(Generic[TP]):
 
     def batch_ends(self, now: float | None = None) -> None:
         self.batch_started = None
+        self.moved(now)
+
+    def moved(self, now: float | None = None) -> None:
+        """Progress, or a reason to wait (a rebalance): every partition's count starts again."""
         self.last_batch_end = time.monotonic() if now is None else now
-        self._behind.clear()  # progress: every partition's count starts again
+        self._behind.clear()
 
     def long_batch(self, now: float | None = None) -> float | None:
         """Seconds the current batch has been running, the first time that exceeds the timeout
