@@ -153,6 +153,11 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
     def owned() -> set[int]:
         return {tp.partition for tp in app.consumer.assignment() if tp.topic == PROVISIONING_TOPIC}
 
+    # a command and a reconciliation take turns: a reconciliation between a decommission's
+    # stopping the org's capture and its recording `decommissioning` would start the capture
+    # again (the org still reads `active`), whose start re-creates the topics being deleted
+    turns = asyncio.Lock()
+
     @app.agent(commands, concurrency=1)
     async def apply_commands(stream: faust.StreamT[Any]) -> None:
         async for event in stream.events():
@@ -173,15 +178,17 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
                     ],
                 )
                 continue
-            if command.kind == "decommission" and command.org in fleet.running:
-                await fleet.stop(command.org)  # before its slot is dropped
-            await _apply_until_done(provisioner, command, message.partition)
-            await fleet.reconcile(owned())
+            async with turns:
+                if command.kind == "decommission" and command.org in fleet.running:
+                    await fleet.stop(command.org)  # before its slot is dropped
+                await _apply_until_done(provisioner, command, message.partition)
+                await fleet.reconcile(owned())
 
     # faust's App.timer() is annotated as returning a bare Callable
     @app.timer(settings.provisioner_reconcile_s)  # type: ignore[untyped-decorator]
     async def reconcile_captures() -> None:
-        await fleet.reconcile(owned())
+        async with turns:
+            await fleet.reconcile(owned())
 
     async def stop_captures(sender: Any, *_: Any, **__: Any) -> None:
         await fleet.stop_all()
