@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +90,10 @@ class CaptureFleet:
     bootstrap: str
     staging_dsn: str
     running: dict[str, _Running] = field(default_factory=dict)
+    # a command and a reconciliation take turns: a reconciliation between a decommission's
+    # stopping the org's capture and its recording `decommissioning` would start the capture
+    # again (the org still reads `active`), and its start re-creates the topics being deleted
+    turns: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def _desired(self, partitions: set[int]) -> dict[str, OrgLifecycle]:
         with psycopg.connect(self.staging_dsn, autocommit=True) as conn:
@@ -100,7 +105,24 @@ class CaptureFleet:
             if r.state == "active" and r.spec is not None and r.partition in partitions
         }
 
+    async def command(
+        self, command: Command, apply: Callable[[], Awaitable[None]], partitions: set[int]
+    ) -> None:
+        """Apply ``command`` (``apply``) and reconcile, no reconciliation in between; a
+        decommissioned org's capture stops first, before its slot is dropped."""
+        async with self.turns:
+            if command.kind == "decommission" and command.org in self.running:
+                await self.stop(command.org)
+            await apply()
+            await self._reconcile(partitions)
+
     async def reconcile(self, partitions: set[int]) -> None:
+        """Run the capture of exactly the active orgs of ``partitions`` (after any command in
+        progress)."""
+        async with self.turns:
+            await self._reconcile(partitions)
+
+    async def _reconcile(self, partitions: set[int]) -> None:
         desired = await asyncio.to_thread(self._desired, partitions)
         for org, running in list(self.running.items()):
             target = desired.get(org)
@@ -153,11 +175,6 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
     def owned() -> set[int]:
         return {tp.partition for tp in app.consumer.assignment() if tp.topic == PROVISIONING_TOPIC}
 
-    # a command and a reconciliation take turns: a reconciliation between a decommission's
-    # stopping the org's capture and its recording `decommissioning` would start the capture
-    # again (the org still reads `active`), whose start re-creates the topics being deleted
-    turns = asyncio.Lock()
-
     @app.agent(commands, concurrency=1)
     async def apply_commands(stream: faust.StreamT[Any]) -> None:
         async for event in stream.events():
@@ -178,17 +195,13 @@ def build_app(settings: Settings, bootstrap_servers: str, staging_dsn: str) -> f
                     ],
                 )
                 continue
-            async with turns:
-                if command.kind == "decommission" and command.org in fleet.running:
-                    await fleet.stop(command.org)  # before its slot is dropped
-                await _apply_until_done(provisioner, command, message.partition)
-                await fleet.reconcile(owned())
+            apply = functools.partial(_apply_until_done, provisioner, command, message.partition)
+            await fleet.command(command, apply, owned())
 
     # faust's App.timer() is annotated as returning a bare Callable
     @app.timer(settings.provisioner_reconcile_s)  # type: ignore[untyped-decorator]
     async def reconcile_captures() -> None:
-        async with turns:
-            await fleet.reconcile(owned())
+        await fleet.reconcile(owned())
 
     async def stop_captures(sender: Any, *_: Any, **__: Any) -> None:
         await fleet.stop_all()
