@@ -31,7 +31,7 @@ class StallWatch(Generic[TP]):
 
     timeout_s: float
     batch_started: float | None = None
-    last_batch_end: float = field(default_factory=time.monotonic)
+    last_progress: float = field(default_factory=time.monotonic)  # a batch ended, or a rebalance
     _behind: dict[TP, tuple[int, float]] = field(default_factory=dict)
     _reported: float | None = None  # the start of the batch last reported as long
 
@@ -44,7 +44,7 @@ class StallWatch(Generic[TP]):
 
     def moved(self, now: float | None = None) -> None:
         """Progress, or a reason to wait (a rebalance): every partition's count starts again."""
-        self.last_batch_end = time.monotonic() if now is None else now
+        self.last_progress = time.monotonic() if now is None else now
         self._behind.clear()
 
     def long_batch(self, now: float | None = None) -> float | None:
@@ -64,7 +64,7 @@ class StallWatch(Generic[TP]):
         return (
             self.timeout_s > 0
             and self.batch_started is None
-            and now - self.last_batch_end >= self.timeout_s / 2
+            and now - self.last_progress >= self.timeout_s / 2
         )
 
     def stalled(
