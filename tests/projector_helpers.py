@@ -25,6 +25,8 @@ def projector_env(bootstrap: str, staging_dsn: str, **extra: str) -> dict[str, s
         "FIELDSYNC_BROKER_SESSION_TIMEOUT_S": "10",
         "FIELDSYNC_BROKER_HEARTBEAT_INTERVAL_S": "1",
         "FIELDSYNC_PROJECTOR_TOPIC_REFRESH_S": "2",
+        # a stalled consumer (engine/projections/watchdog.py) recovers well within a test's wait
+        "FIELDSYNC_PROJECTOR_STALL_TIMEOUT_S": "20",
         **extra,
     }
 
