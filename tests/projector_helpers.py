@@ -53,7 +53,9 @@ def stacks_of_writers(log: Path) -> str:
     """Every live process writing ``log`` dumps its stacks into it (SIGUSR1, see
     ``engine.cli``); returns their frames (not the locals faust's dump adds): where a stuck
     worker waits."""
-    size = log.stat().st_size if log.exists() else 0
+    if not log.exists():
+        return ""
+    size = log.stat().st_size
     alive = [p for p in _WRITERS.get(log, []) if p.poll() is None]
     for process in alive:
         process.send_signal(signal.SIGUSR1)
