@@ -95,15 +95,15 @@ def change_topics(
             t for t in existing if (m := CHANGE_TOPIC.match(t)) and m.group(2) not in NOT_ENTITIES
         }
         wanted = ours | (set(extra) & existing)
-        held = wanted & set(ready)
-        unknown = sorted(wanted - held)
+        known = wanted & set(ready)
+        unknown = sorted(wanted - known)
         # a topic created a moment ago may be listed before its partitions are: subscribing
         # then yields an empty assignment, so such a topic waits for the next refresh
         described = admin.describe_topics(unknown) if unknown else []
     finally:
         admin.close()
     return sorted(
-        held
+        known
         | {  # kafka-python 3 names the field "name", 2.x "topic"
             d.get("name") or d["topic"]
             for d in described
@@ -387,7 +387,7 @@ async def _check_stall(app: faust.App, watch: StallWatch[Any]) -> None:
     """Restart a worker whose consumer stopped fetching (:mod:`engine.projections.watchdog`);
     a batch running longer than the timeout gets its threads' stacks logged, once."""
     assigned = app.consumer.assignment()
-    if assigned and faults.armed("fetching") and faults.reached("fetching"):
+    if assigned and faults.reached("fetching"):
         app.consumer.pause_partitions(assigned)
     running = watch.long_batch()
     if running is not None:
@@ -402,7 +402,9 @@ async def _check_stall(app: faust.App, watch: StallWatch[Any]) -> None:
         return
     try:
         ends = await asyncio.wait_for(app.consumer.highwaters(*assigned), 30)
-        positions = {tp: await asyncio.wait_for(app.consumer.position(tp), 30) for tp in assigned}
+        tps = list(assigned)
+        found = await asyncio.wait_for(asyncio.gather(*map(app.consumer.position, tps)), 30)
+        positions = dict(zip(tps, found, strict=True))
     except Exception as error:  # broker out of reach: nothing to conclude from this check
         log.debug("stall check skipped (%s)", error)
         return
